@@ -1,0 +1,113 @@
+"""Realise a precision policy for single-device and DDP training: autocast and gradient scaling."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from handloom.apply import apply_to_tensors
+from handloom.precision import PrecisionPolicy
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Temporarily make ``dtype`` torch's default floating dtype."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class AmpRunner:
+    """Autocast, dtype conversion and the gradient scaler for one process.
+
+    Args:
+        policy: The precision policy.
+        device_type: ``"cpu"``, ``"cuda"`` or ``"mps"``: where autocast and the scaler run.
+    """
+
+    def __init__(self, policy: PrecisionPolicy, device_type: str) -> None:
+        self.policy = policy
+        self.device_type = device_type
+        self.scaler: torch.amp.GradScaler | None = (
+            torch.amp.GradScaler(device_type) if policy.grad_scaling else None
+        )
+        self._scaled_backward_pending = False
+        self._unscaled: set[int] = set()
+
+    def forward_context(self) -> AbstractContextManager[Any]:
+        """The context a forward pass runs in: autocast for ``*-mixed``, a default dtype for ``*-true``."""
+        if self.policy.compute_dtype is not None:
+            return torch.autocast(self.device_type, dtype=self.policy.compute_dtype)
+        if self.policy.param_dtype is not None:
+            return default_dtype(self.policy.param_dtype)
+        return contextlib.nullcontext()
+
+    def init_context(self) -> AbstractContextManager[Any]:
+        """The context tensors and modules are created in: the parameter dtype for ``*-true``."""
+        if self.policy.param_dtype is not None:
+            return default_dtype(self.policy.param_dtype)
+        return contextlib.nullcontext()
+
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Cast parameters and buffers for ``*-true`` precisions; leave them alone otherwise."""
+        if self.policy.param_dtype is not None:
+            return module.to(dtype=self.policy.param_dtype)
+        return module
+
+    def convert_input(self, data: Any) -> Any:
+        """Cast floating-point inputs to the parameter dtype for ``*-true`` precisions."""
+        dtype = self.policy.param_dtype
+        if dtype is None:
+            return data
+        return apply_to_tensors(data, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+    def convert_output(self, data: Any) -> Any:
+        """Cast floating-point outputs back to torch's default dtype, so losses run in full precision."""
+        target = torch.get_default_dtype()
+        return apply_to_tensors(data, lambda t: t.to(target) if t.is_floating_point() else t)
+
+    def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Run backward, scaling the loss first when a gradient scaler is in use."""
+        if self.scaler is not None:
+            self._scaled_backward_pending = True
+            torch.autograd.backward(self.scaler.scale(tensor), *args, **kwargs)
+        else:
+            torch.autograd.backward(tensor, *args, **kwargs)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the gradients of ``optimizer`` by the loss scale (once per step)."""
+        if self.scaler is None:
+            return
+        if id(optimizer) in self._unscaled:
+            return
+        self.scaler.unscale_(optimizer)
+        self._unscaled.add(id(optimizer))
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, closure: Callable[[], Any] | None) -> Any:
+        """Step ``optimizer``; with a scaler, skip steps whose gradients overflowed and update the scale."""
+        if self.scaler is None:
+            return optimizer.step(closure) if closure is not None else optimizer.step()
+        if closure is not None:
+            raise TypeError(
+                f"optimizer.step(closure) cannot be used with precision={self.policy.name!r}: the gradient"
+                " scaler needs the backward pass to happen before the step. Use precision='bf16-mixed' or"
+                " '32-true' for closure-based optimizers such as LBFGS."
+            )
+        if not self._scaled_backward_pending:
+            raise RuntimeError(
+                f"optimizer.step() was called without fabric.backward(loss) since the last step. With"
+                f" precision={self.policy.name!r} the loss must be scaled: replace loss.backward() with"
+                " fabric.backward(loss)."
+            )
+        result = self.scaler.step(optimizer)
+        self.scaler.update()
+        self._scaled_backward_pending = False
+        self._unscaled.discard(id(optimizer))
+        return result

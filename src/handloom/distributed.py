@@ -1,0 +1,194 @@
+"""Process-group lifecycle and the collectives Fabric exposes, on top of ``torch.distributed``."""
+
+from __future__ import annotations
+
+import atexit
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from handloom.environments import Topology
+
+_ReduceOp = Any  # torch.distributed.ReduceOp members are not typed as a class
+_MAX_DIMS = 16
+# Fixed codes so every rank can describe a tensor's dtype in an integer header.
+_DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128,
+)  # fmt: skip
+_REDUCE_OPS = ("sum", "mean", "avg", "max", "min", "product")
+_teardown_registered = False
+
+
+def init_process_group(topology: Topology, *, backend: str, timeout: timedelta, device: torch.device) -> None:
+    """Create the default process group for ``topology`` unless one exists, and arrange its teardown.
+
+    Under torchelastic (``torchrun``, ``handloom run``, ``fabric.launch()``) the agent's store is
+    reused through ``env://``; otherwise a TCP rendezvous at the topology's main address is used.
+
+    Raises:
+        RuntimeError: A process group already exists with another world size.
+    """
+    if dist.is_initialized():
+        if dist.get_world_size() != topology.world_size:
+            raise RuntimeError(
+                f"A torch.distributed process group with world size {dist.get_world_size()} already exists,"
+                f" but this job has {topology.world_size} processes. Destroy it with"
+                " torch.distributed.destroy_process_group() before creating the Fabric object."
+            )
+        return
+    device_id = device if device.type == "cuda" else None
+    if topology.name == "torchelastic":
+        dist.init_process_group(backend, init_method="env://", timeout=timeout, device_id=device_id)
+    else:
+        address, port = topology.main_address, topology.main_port
+        if address is None or port is None:
+            from handloom.environments.mpi import discover_main_address_with_mpi
+
+            address, port = discover_main_address_with_mpi()
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{address}:{port}",
+            rank=topology.global_rank,
+            world_size=topology.world_size,
+            timeout=timeout,
+            device_id=device_id,
+        )
+    _register_teardown()
+    _limit_cpu_threads(topology)
+
+
+def _limit_cpu_threads(topology: Topology) -> None:
+    # Several CPU processes on one node each default to all cores; that oversubscribes the machine.
+    local = topology.local_world_size or 1
+    if local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+
+
+def _register_teardown() -> None:
+    global _teardown_registered
+    if not _teardown_registered:
+        atexit.register(destroy_process_group)
+        _teardown_registered = True
+
+
+def destroy_process_group() -> None:
+    """Destroy the default process group if it exists.
+
+    Called at interpreter exit so no communication thread outlives the Python objects it uses
+    (an alive gloo group at exit can abort the process with "terminate called without an active
+    exception").
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_reduce_op(op: str | _ReduceOp) -> tuple[_ReduceOp, bool]:
+    """Map ``"sum"``, ``"mean"``, ``"max"``, ... or a ``ReduceOp`` to ``(ReduceOp, divide_by_world)``.
+
+    Raises:
+        ValueError: Unknown operation name.
+    """
+    if not isinstance(op, str):
+        if op == dist.ReduceOp.AVG:
+            return dist.ReduceOp.SUM, True
+        return op, False
+    name = op.lower()
+    if name not in _REDUCE_OPS:
+        choices = ", ".join(repr(n) for n in _REDUCE_OPS if n != "avg")
+        raise ValueError(f"all_reduce(reduce_op={op!r}) is not a known reduction. Choose one of: {choices}.")
+    if name in ("mean", "avg"):
+        return dist.ReduceOp.SUM, True
+    return getattr(dist.ReduceOp, name.upper()), False
+
+
+def all_reduce(tensor: torch.Tensor, op: str | _ReduceOp, group: Any = None) -> torch.Tensor:
+    """Reduce ``tensor`` across ranks into a new tensor (the input is left untouched)."""
+    reduce_op, divide = resolve_reduce_op(op)
+    out = tensor.clone()
+    if divide and not (out.is_floating_point() or out.is_complex()):
+        out = out.to(torch.get_default_dtype())
+    dist.all_reduce(out, op=reduce_op, group=group)
+    if divide:
+        out /= dist.get_world_size(group)
+    return out
+
+
+def _describe(tensor: torch.Tensor | None, device: torch.device, kind: int = 1) -> torch.Tensor:
+    header = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=device)
+    header[0] = kind
+    if tensor is not None:
+        if tensor.dim() > _MAX_DIMS or tensor.dtype not in _DTYPES:
+            raise ValueError(
+                f"Cannot communicate a tensor of dtype {tensor.dtype} with {tensor.dim()} dimensions."
+                f" Use one of {len(_DTYPES)} standard dtypes and at most {_MAX_DIMS} dimensions."
+            )
+        header[1] = tensor.dim()
+        header[2] = _DTYPES.index(tensor.dtype)
+        if tensor.dim():
+            header[3 : 3 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return header
+
+
+def _shape_of(header: torch.Tensor) -> tuple[int, ...]:
+    values = header.tolist()
+    return tuple(values[3 : 3 + values[1]])
+
+
+def all_gather(tensor: torch.Tensor, group: Any = None) -> torch.Tensor | list[torch.Tensor]:
+    """Gather ``tensor`` from every rank.
+
+    Returns a tensor of shape ``(world_size, *shape)`` when every rank sent the same shape, and a
+    list with each rank's tensor (in rank order) when the shapes differ.
+
+    Raises:
+        ValueError: Ranks sent tensors with different dtypes or numbers of dimensions.
+    """
+    world = dist.get_world_size(group)
+    header = _describe(tensor, tensor.device)
+    headers = [torch.empty_like(header) for _ in range(world)]
+    dist.all_gather(headers, header, group=group)
+    kinds = {(int(h[1]), int(h[2])) for h in headers}
+    if len(kinds) != 1:
+        found = sorted({f"{_DTYPES[d]} with {n} dims" for n, d in kinds})
+        raise ValueError(
+            f"all_gather got tensors of different kinds across ranks: {', '.join(found)}."
+            " Every rank must pass a tensor of the same dtype and number of dimensions."
+        )
+    shapes = [_shape_of(h) for h in headers]
+    if all(shape == shapes[0] for shape in shapes):
+        parts = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+    max_shape = [max(sizes) for sizes in zip(*shapes, strict=True)]
+    padded = tensor.new_zeros(max_shape)
+    padded[tuple(slice(0, s) for s in tensor.shape)] = tensor
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return [part[tuple(slice(0, s) for s in shape)] for part, shape in zip(parts, shapes, strict=True)]
+
+
+def broadcast(obj: Any, src: int, device: torch.device, group: Any = None) -> Any:
+    """Send ``obj`` from rank ``src`` to every rank and return it.
+
+    Tensors travel as raw data behind a small integer header (no pickling); other objects go
+    through ``broadcast_object_list``. Receivers may pass anything, e.g. ``None``.
+    """
+    rank = dist.get_rank(group)
+    is_tensor = isinstance(obj, torch.Tensor)
+    header = _describe(obj if is_tensor and rank == src else None, device, kind=1 if is_tensor else 0)
+    dist.broadcast(header, src=src, group=group)
+    if int(header[0]) == 1:
+        values = header.tolist()
+        if rank == src:
+            data = obj.to(device).contiguous()
+        else:
+            data = torch.empty(_shape_of(header), dtype=_DTYPES[values[2]], device=device)
+        dist.broadcast(data, src=src, group=group)
+        return data
+    box = [obj if rank == src else None]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]

@@ -1,0 +1,614 @@
+"""The ``Fabric`` facade: the user keeps the loop, Fabric owns devices, precision and processes."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import inspect
+import os
+import weakref
+from collections.abc import Callable, Generator, Mapping
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from handloom import checkpoint, launcher
+from handloom.apply import apply_to_tensors, move_data_to_device
+from handloom.devices import probe_hardware
+from handloom.environments import Topology, read_topology
+from handloom.init import skip_init_context
+from handloom.options import FabricOptions, Plan, resolve_plan
+from handloom.strategies.base import Runtime, Strategy
+from handloom.wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
+
+
+class Fabric:
+    """Scale a plain PyTorch training loop across devices, precisions and processes.
+
+    Args:
+        accelerator: ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"`` or ``"auto"``.
+        strategy: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``,
+            ``"ddp_find_unused_parameters_true"``, ``"dp"``, or a strategy instance.
+        devices: Devices per node: an int (``-1`` for all), a list of indices, a string such as
+            ``"2"`` or ``"0,1"``, or ``"auto"``.
+        num_nodes: Number of machines.
+        precision: ``"32-true"`` (default), ``"64-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
+            ``"16-true"``, ``"bf16-true"`` or a legacy alias (``"32"``, ``"16"``, ``"bf16"``, 32, 16, 64).
+        plugins: A cluster environment (or a list holding one) to use instead of auto-detection.
+        callbacks: Objects whose methods ``fabric.call(name, ...)`` invokes.
+        loggers: Objects with ``log_metrics(metrics, step)``, used by ``fabric.log``.
+
+    Raises:
+        ValueError: An unknown, unavailable or conflicting choice (the message names it).
+
+    Example::
+
+        fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp")
+        fabric.launch()
+        model, optimizer = fabric.setup(model, optimizer)
+        loader = fabric.setup_dataloaders(loader)
+        for x, y in loader:
+            loss = loss_fn(model(x), y)
+            fabric.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    """
+
+    def __init__(
+        self,
+        *,
+        accelerator: str = "auto",
+        strategy: str | Strategy = "auto",
+        devices: int | str | list[int] | tuple[int, ...] = "auto",
+        num_nodes: int = 1,
+        precision: str | int | None = None,
+        plugins: Any = None,
+        callbacks: Any = None,
+        loggers: Any = None,
+    ) -> None:
+        options = FabricOptions(accelerator, strategy, devices, num_nodes, precision, _as_list(plugins))
+        self._plan: Plan = resolve_plan(options, os.environ, probe_hardware())
+        self._strategy: Strategy = self._plan.strategy
+        self._callbacks: list[Any] = _as_list(callbacks)
+        self._loggers: list[Any] = _as_list(loggers)
+        self._launched = False
+        self._setup_objects: weakref.WeakSet[Any] = weakref.WeakSet()
+        if self._plan.launch in ("none", "external"):
+            self._bind(self._plan.topology)
+        if type(self).run is not Fabric.run:
+            user_run = self.run
+            self.run = functools.partial(self._launch_run, user_run)  # type: ignore[method-assign]
+
+    # --- processes ------------------------------------------------------------------------------
+    def _bind(self, topology: Topology) -> None:
+        plan = self._plan
+        if plan.accelerator == "cpu":
+            device = torch.device("cpu")
+        elif self._strategy.is_distributed:
+            device = torch.device(plan.accelerator, plan.device_indices[topology.local_rank])
+        else:
+            device = torch.device(plan.accelerator, plan.device_indices[0])
+        self._strategy.bind(Runtime(plan.accelerator, device, topology, plan.num_nodes, plan.precision))
+        if topology.creates_processes_externally:
+            launcher.install_failure_recorder()
+
+    def _enter_worker(self) -> None:
+        """In a process started by :meth:`launch`, read its rank and join the process group."""
+        _, topology = read_topology(
+            explicit=self._plan.environment if self._plan.launch == "external" else None
+        )
+        self._bind(topology)
+        self._setup_environment()
+
+    def _setup_environment(self) -> None:
+        if not self._launched:
+            self._strategy.setup_environment()
+            self._launched = True
+
+    def _ensure_running(self) -> None:
+        if self._launched:
+            return
+        if self._plan.launch in ("none", "external"):
+            self._setup_environment()
+            return
+        raise RuntimeError(
+            f"Fabric(strategy={self._strategy.name!r}, devices={self._plan.num_processes}) runs several"
+            " processes, which have not been started. Call fabric.launch() (or fabric.launch(fn)) before"
+            " this, or start the script with `handloom run`."
+        )
+
+    def launch(self, function: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
+        """Start the processes (one per device) and join them into a process group.
+
+        With ``strategy="ddp"`` the script is re-run once per device and the calling process waits
+        for them and exits with their status. With ``"ddp_spawn"``/``"ddp_fork"``/``"ddp_notebook"``,
+        ``function(fabric, *args, **kwargs)`` runs in each new process and rank 0's result is
+        returned. Under an external launcher (``handloom run``, torchrun, srun) the processes exist
+        already: ``launch`` joins the process group and calls ``function`` if given.
+
+        Raises:
+            TypeError: ``function`` is not callable or takes no argument, or a spawn/fork strategy
+                was launched without a function.
+        """
+        if function is not None:
+            _check_launch_function(function)
+        mode = self._plan.launch
+        if mode in ("none", "external"):
+            self._setup_environment()
+            return function(self, *args, **kwargs) if function is not None else None
+        spec = launcher.spec_from_topology(
+            self._plan.topology, self._plan.num_processes, self._plan.num_nodes
+        )
+        if mode == "script":
+            launcher.launch_script(spec)
+        if function is None:
+            raise TypeError(
+                f"Fabric(strategy={self._strategy.name!r}) starts a function in each new process, so it needs"
+                " one: call fabric.launch(train) where train(fabric, ...) holds your training code."
+            )
+        return launcher.launch_function(spec, mode, self, function, args, kwargs)
+
+    def _launch_run(self, user_run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return self.launch(lambda fabric, *a, **kw: user_run(*a, **kw), *args, **kwargs)
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Override in a subclass; calling ``fabric.run(...)`` then launches the processes and runs it."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_setup_objects"] = None
+        state["_launched"] = False
+        state.pop("run", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._setup_objects = weakref.WeakSet()
+
+    # --- properties -----------------------------------------------------------------------------
+    @property
+    def strategy(self) -> Strategy:
+        """The strategy in use."""
+        return self._strategy
+
+    @property
+    def accelerator(self) -> str:
+        """The accelerator in use: ``"cpu"``, ``"cuda"`` or ``"mps"``."""
+        return self._plan.accelerator
+
+    @property
+    def device(self) -> torch.device:
+        """This process's device."""
+        if not self._strategy.is_bound:
+            self._ensure_running()
+        return self._strategy.root_device
+
+    @property
+    def global_rank(self) -> int:
+        """Rank of this process among all processes."""
+        return self._strategy.global_rank
+
+    @property
+    def local_rank(self) -> int:
+        """Rank of this process on its node."""
+        return self._strategy.local_rank
+
+    @property
+    def node_rank(self) -> int:
+        """Index of this process's node."""
+        return self._strategy.node_rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes in the job."""
+        return self._strategy.world_size
+
+    @property
+    def is_global_zero(self) -> bool:
+        """True on the process with global rank 0."""
+        return self._strategy.is_global_zero
+
+    @property
+    def loggers(self) -> list[Any]:
+        """The loggers passed to the constructor."""
+        return self._loggers
+
+    @property
+    def logger(self) -> Any:
+        """The first logger.
+
+        Raises:
+            RuntimeError: No logger was given.
+        """
+        if not self._loggers:
+            raise RuntimeError("fabric.logger is undefined: no logger was given. Pass Fabric(loggers=[...]).")
+        return self._loggers[0]
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def setup(
+        self,
+        module: torch.nn.Module,
+        *optimizers: torch.optim.Optimizer,
+        scheduler: Any = None,
+        move_to_device: bool = True,
+    ) -> Any:
+        """Prepare a model and its optimizers: precision, device placement, strategy wrapping.
+
+        Returns:
+            The wrapped model, or ``(model, *optimizers)``, with ``scheduler`` appended if given.
+
+        Raises:
+            ValueError: An object was already set up.
+            TypeError: ``module`` is not a ``torch.nn.Module`` or an optimizer is not an optimizer.
+        """
+        self._ensure_running()
+        self._check_module(module)
+        for optimizer in optimizers:
+            self._check_optimizer(optimizer)
+        wrapped = self._wrap_module(module, move_to_device)
+        wrapped_optimizers = [self._wrap_optimizer(o) for o in optimizers]
+        self.call("on_after_setup", fabric=self, module=wrapped)
+        outputs: list[Any] = [wrapped, *wrapped_optimizers]
+        if scheduler is not None:
+            outputs.append(scheduler)
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def setup_module(self, module: torch.nn.Module, move_to_device: bool = True) -> _FabricModule:
+        """Prepare a model alone (its optimizers go through :meth:`setup_optimizers`)."""
+        self._ensure_running()
+        self._check_module(module)
+        wrapped = self._wrap_module(module, move_to_device)
+        self.call("on_after_setup", fabric=self, module=wrapped)
+        return wrapped
+
+    def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
+        """Prepare optimizers; returns one optimizer or a tuple.
+
+        Raises:
+            ValueError: No optimizer given, or one was already set up.
+        """
+        self._ensure_running()
+        if not optimizers:
+            raise ValueError("fabric.setup_optimizers() got no optimizer. Pass at least one.")
+        for optimizer in optimizers:
+            self._check_optimizer(optimizer)
+        wrapped = [self._wrap_optimizer(o) for o in optimizers]
+        return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
+
+    def _wrap_module(self, module: torch.nn.Module, move_to_device: bool) -> _FabricModule:
+        module = self._strategy.amp.convert_module(module)
+        if move_to_device:
+            self._strategy.module_to_device(module)
+        forward_module = self._strategy.setup_module(module)
+        self._setup_objects.add(module)
+        return _FabricModule(forward_module, module, self._strategy)
+
+    def _wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> _FabricOptimizer:
+        self._setup_objects.add(optimizer)
+        return _FabricOptimizer(self._strategy.setup_optimizer(optimizer), self._strategy, self._callbacks)
+
+    def _check_module(self, module: object) -> None:
+        if isinstance(module, _FabricModule) or module in self._setup_objects:
+            raise ValueError(
+                f"fabric.setup({type(_unwrapped(module)).__name__}) got a model that is already set up."
+                " Set up each model once and keep using the object setup returned."
+            )
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"fabric.setup() needs a torch.nn.Module first, got {type(module).__name__}.")
+
+    def _check_optimizer(self, optimizer: object) -> None:
+        if isinstance(optimizer, _FabricOptimizer) or optimizer in self._setup_objects:
+            raise ValueError(
+                f"fabric.setup(..., {type(_unwrapped(optimizer)).__name__}) got an optimizer that is already"
+                " set up. Set up each optimizer once."
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"fabric.setup() takes optimizers after the model, got {type(optimizer).__name__}."
+                " Pass torch.optim.Optimizer instances; pass LR schedulers as scheduler=..."
+            )
+
+    def setup_dataloaders(
+        self, *dataloaders: DataLoader[Any], use_distributed_sampler: bool = True, move_to_device: bool = True
+    ) -> Any:
+        """Shard each DataLoader across processes and move its batches to the device.
+
+        Returns:
+            One wrapped loader, or a list of them.
+
+        Raises:
+            ValueError: No loader given, or a loader already set up.
+            TypeError: An argument that is not a ``torch.utils.data.DataLoader``.
+        """
+        self._ensure_running()
+        if not dataloaders:
+            raise ValueError("fabric.setup_dataloaders() got no dataloader. Pass at least one.")
+        wrapped = [self._setup_dataloader(dl, use_distributed_sampler, move_to_device) for dl in dataloaders]
+        return wrapped[0] if len(wrapped) == 1 else wrapped
+
+    def _setup_dataloader(self, loader: Any, distributed: bool, move: bool) -> _FabricDataLoader:
+        from handloom import data, seed
+
+        if isinstance(loader, _FabricDataLoader):
+            raise ValueError(
+                "fabric.setup_dataloaders() got a dataloader that is already set up. Set it up once."
+            )
+        if not isinstance(loader, DataLoader):
+            raise TypeError(
+                f"fabric.setup_dataloaders() needs torch.utils.data.DataLoader objects, got"
+                f" {type(loader).__name__}. Wrap your data in a DataLoader first."
+            )
+        sharding = self._strategy.distributed_sampler_kwargs
+        if distributed and sharding is not None:
+            num_replicas, rank = sharding
+            loader = data.build_distributed_dataloader(
+                loader, num_replicas=num_replicas, rank=rank, seed=seed.current_seed() or 0
+            )
+        base_seed = seed.current_seed()
+        if seed.seed_workers_enabled() and base_seed is not None and loader.num_workers > 0:
+            loader = copy.copy(loader)
+            # DataLoader does not guard worker_init_fn after construction; the user's loader is untouched.
+            loader.worker_init_fn = seed.WorkerSeeder(self.global_rank, base_seed, loader.worker_init_fn)
+        device = self.device if move and self.device.type != "cpu" else None
+        return _FabricDataLoader(loader, device)
+
+    # --- the training step ----------------------------------------------------------------------
+    def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
+        """Replace ``loss.backward()``: scales the loss for fp16 mixed precision."""
+        self._strategy.amp.backward(tensor, *args, **kwargs)
+
+    def clip_gradients(
+        self,
+        module: Any,
+        optimizer: Any,
+        clip_val: float | None = None,
+        max_norm: float | None = None,
+        norm_type: float = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> torch.Tensor | None:
+        """Clip gradients by value or by total norm, unscaling fp16 gradients first.
+
+        Returns:
+            The total gradient norm before clipping (for ``max_norm``), else ``None``.
+
+        Raises:
+            ValueError: Both or neither of ``clip_val`` and ``max_norm`` given.
+            TypeError: ``module`` or ``optimizer`` was not set up by Fabric.
+        """
+        if not isinstance(module, _FabricModule):
+            raise TypeError(
+                f"fabric.clip_gradients() needs the model returned by fabric.setup(), got"
+                f" {type(module).__name__}. Set it up first:"
+                " model, optimizer = fabric.setup(model, optimizer)."
+            )
+        if not isinstance(optimizer, _FabricOptimizer):
+            raise TypeError(
+                f"fabric.clip_gradients() needs the optimizer returned by fabric.setup(), got"
+                f" {type(optimizer).__name__}. Set it up first:"
+                " model, optimizer = fabric.setup(model, optimizer)."
+            )
+        if (clip_val is None) == (max_norm is None):
+            raise ValueError(
+                f"fabric.clip_gradients(clip_val={clip_val!r}, max_norm={max_norm!r}) needs exactly one of"
+                " them. Pass clip_val=... to clip each value, or max_norm=... to clip the total norm."
+            )
+        amp = self._strategy.amp
+        amp.unscale(optimizer.optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if clip_val is not None:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+            return None
+        assert max_norm is not None
+        # With a gradient scaler, overflowing fp16 gradients are expected: the scaler skips that step.
+        strict = error_if_nonfinite and amp.scaler is None
+        return self._strategy.clip_grad_norm(params, max_norm, norm_type, strict)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The precision context for code that runs outside the model's forward pass."""
+        return self._strategy.amp.forward_context()
+
+    def no_backward_sync(self, module: Any, enabled: bool = True) -> AbstractContextManager[Any]:
+        """Skip the gradient all-reduce in backward passes inside this context (gradient accumulation).
+
+        Raises:
+            TypeError: ``module`` was not set up by Fabric.
+        """
+        if not isinstance(module, _FabricModule):
+            raise TypeError(
+                f"fabric.no_backward_sync() needs the model returned by fabric.setup(), got"
+                f" {type(module).__name__}. Set it up first: model = fabric.setup(model)."
+            )
+        return self._strategy.no_backward_sync(module._forward_module, enabled)
+
+    # --- devices and creation -------------------------------------------------------------------
+    def to_device(self, obj: Any) -> Any:
+        """Move a module, a tensor or a collection of tensors to this process's device."""
+        if isinstance(obj, torch.nn.Module):
+            self._strategy.module_to_device(obj)
+            return obj
+        return move_data_to_device(obj, self.device)
+
+    def init_tensor(self) -> AbstractContextManager[Any]:
+        """Create tensors directly on the device, in the precision's dtype."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.device)
+        stack.enter_context(self._strategy.amp.init_context())
+        return stack
+
+    def init_module(self, empty_init: bool | None = None) -> AbstractContextManager[Any]:
+        """Create a model directly on the device, in the precision's dtype.
+
+        Args:
+            empty_init: Skip the weight initialisation (for weights loaded right after).
+        """
+        self._ensure_running()
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.init_tensor())
+        if empty_init:
+            stack.enter_context(skip_init_context())
+        return stack
+
+    # --- communication --------------------------------------------------------------------------
+    def barrier(self, name: str | None = None) -> None:
+        """Wait until every process reaches this call."""
+        self._ensure_running()
+        self._strategy.barrier(name)
+
+    def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
+        """Reduce tensors (or numbers, or collections of them) across processes.
+
+        Args:
+            reduce_op: ``"mean"``, ``"sum"``, ``"max"``, ``"min"``, ``"product"`` or a ``ReduceOp``.
+        """
+        self._ensure_running()
+        tensors = self._as_tensors(data)
+        return apply_to_tensors(tensors, lambda t: self._strategy.all_reduce(t, reduce_op, group))
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Gather tensors from every process, stacked along a new first dimension.
+
+        Ranks may send tensors of different shapes: then each tensor becomes a list of the ranks'
+        tensors instead of one stacked tensor. With one process no dimension is added.
+        """
+        self._ensure_running()
+        tensors = self._as_tensors(data)
+        if sync_grads and self.world_size > 1:
+            import torch.distributed.nn.functional as differentiable
+
+            gather: Callable[..., Any] = differentiable.all_gather
+            return apply_to_tensors(tensors, lambda t: torch.stack(gather(t, group=group)))
+        return apply_to_tensors(tensors, lambda t: self._strategy.all_gather(t, group))
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Send ``obj`` from rank ``src`` to all processes; tensors travel without pickling."""
+        self._ensure_running()
+        return self._strategy.broadcast(obj, src)
+
+    def _as_tensors(self, data: Any) -> Any:
+        if isinstance(data, (int, float, bool)):
+            return torch.tensor(data, device=self.device)
+        return data
+
+    @contextlib.contextmanager
+    def rank_zero_first(self, local: bool = False) -> Generator[None, None, None]:
+        """Let rank 0 (of the job, or of each node with ``local=True``) run the block before the others."""
+        self._ensure_running()
+        first = (self.local_rank if local else self.global_rank) == 0
+        if not first:
+            self.barrier()
+        yield
+        if first:
+            self.barrier()
+
+    # --- output, hooks, logging -----------------------------------------------------------------
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on global rank 0 only."""
+        if self.global_rank == 0:
+            print(*args, **kwargs)
+
+    @staticmethod
+    def seed_everything(seed: int | None = None, workers: bool | None = None, verbose: bool = True) -> int:
+        """Seed Python, NumPy (if installed) and torch; with ``workers`` (default True), seed dataloader
+        workers distinctly per rank and worker."""
+        from handloom.seed import seed_everything
+
+        return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
+
+    def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
+        """Call ``hook_name`` on every callback that defines it (extra keyword arguments it does not take
+        are left out)."""
+        for callback in self._callbacks:
+            method = getattr(callback, hook_name, None)
+            if not callable(method):
+                continue
+            method(*args, **_accepted_kwargs(method, kwargs))
+
+    def log(self, name: str, value: Any, step: int | None = None) -> None:
+        """Log one metric to every logger."""
+        self.log_dict({name: value}, step=step)
+
+    def log_dict(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log several metrics to every logger (tensors are converted with ``.item()``)."""
+        if not self._loggers:
+            return
+        plain = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
+        for logger in self._loggers:
+            logger.log_metrics(plain, step=step)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str], state: dict[str, Any], filter: Any = None) -> None:
+        """Save ``state`` (modules, optimizers, other stateful objects, plain values) to one file.
+
+        Only global rank 0 writes and no collective is involved, so calling it inside
+        ``if fabric.is_global_zero:`` is fine. The write is atomic.
+        """
+        payload = checkpoint.collect_state(state, filter)
+        if self.global_rank == 0:
+            checkpoint.write_atomic(path, payload)
+
+    def load(
+        self, path: str | os.PathLike[str], state: dict[str, Any] | None = None, strict: bool = True
+    ) -> Any:
+        """Restore the objects in ``state`` in place; return what the checkpoint holds beyond them.
+
+        With ``state=None`` the whole checkpoint is returned.
+        """
+        data = checkpoint.read_checkpoint(path)
+        if state is None:
+            return data
+        return checkpoint.restore_state(state, data, strict)
+
+    def load_raw(self, path: str | os.PathLike[str], obj: Any, strict: bool = True) -> None:
+        """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
+        data = checkpoint.read_checkpoint(path)
+        target = obj.module if isinstance(obj, _FabricModule) else obj
+        if isinstance(target, torch.nn.Module):
+            target.load_state_dict(data, strict=strict)
+        else:
+            target.load_state_dict(data)
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
+def _unwrapped(obj: Any) -> Any:
+    from handloom.wrappers import unwrap
+
+    return unwrap(obj)
+
+
+def _check_launch_function(function: object) -> None:
+    if not callable(function):
+        raise TypeError(
+            f"fabric.launch({function!r}) needs a function. Pass one that takes the Fabric object first:"
+            " def train(fabric): ..."
+        )
+    try:
+        params = inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return
+    takes_any = any(p.kind in (p.VAR_POSITIONAL,) for p in params.values())
+    if not params or (not takes_any and all(p.kind == p.KEYWORD_ONLY for p in params.values())):
+        name = getattr(function, "__name__", repr(function))
+        raise TypeError(
+            f"fabric.launch({name}) must accept the Fabric object as its first argument:"
+            f" def {name}(fabric, ...): ..."
+        )
+
+
+def _accepted_kwargs(method: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k in params}

@@ -1,0 +1,205 @@
+"""Start one process per device with PyTorch's elastic agent (``torch.distributed.launcher``).
+
+Two ways, both through ``elastic_launch``:
+
+* :func:`launch_script` re-runs the user's command once per local rank (``strategy="ddp"``). The
+  launching process becomes the agent: it waits for the workers and exits with their status.
+* :func:`launch_function` starts ``fn(fabric, *args)`` in spawned or forked workers
+  (``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) and returns rank 0's result.
+
+If any worker fails, the agent stops the others at once and the failing rank's traceback is shown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from torch.distributed.launcher.api import LaunchConfig
+
+    from handloom.environments import Topology
+
+
+class WorkerFailedError(RuntimeError):
+    """A worker process failed; the message carries the first failing rank's traceback."""
+
+    def __init__(self, rank: int | None, message: str) -> None:
+        super().__init__(message)
+        self.rank = rank
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """Where and how many workers to start on this node."""
+
+    num_processes: int
+    num_nodes: int
+    node_rank: int
+    main_address: str
+    main_port: int
+    max_restarts: int = 0
+
+
+def find_free_port() -> int:
+    """Ask the OS for a free TCP port on the loopback interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def spec_from_topology(topology: Topology, num_processes: int, num_nodes: int) -> LaunchSpec:
+    """Build a launch spec for this node; a single node without a fixed port gets a free one."""
+    port = topology.main_port
+    if port is None:
+        if num_nodes > 1:
+            raise ValueError(
+                f"Fabric(num_nodes={num_nodes}) needs every node to meet at one port, but MASTER_PORT is not"
+                " set. Set MASTER_ADDR, MASTER_PORT and NODE_RANK on each node, or use `handloom run`."
+            )
+        port = find_free_port()
+    return LaunchSpec(
+        num_processes=num_processes,
+        num_nodes=num_nodes,
+        node_rank=topology.node_rank,
+        main_address=topology.main_address or "127.0.0.1",
+        main_port=port,
+    )
+
+
+def _config(spec: LaunchSpec, start_method: str) -> LaunchConfig:
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(
+        min_nodes=spec.num_nodes,
+        max_nodes=spec.num_nodes,
+        nproc_per_node=spec.num_processes,
+        run_id=f"handloom-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="static",
+        rdzv_endpoint=f"{spec.main_address}:{spec.main_port}",
+        rdzv_configs={"rank": spec.node_rank},
+        max_restarts=spec.max_restarts,
+        monitor_interval=0.1,
+        start_method=start_method,
+    )
+
+
+def _command() -> list[str]:
+    # sys.orig_argv keeps interpreter options and `-m module` / `-c code` exactly as typed.
+    return list(sys.orig_argv[1:])
+
+
+def launch_script(spec: LaunchSpec) -> NoReturn:
+    """Re-run this process's command in ``spec.num_processes`` workers, wait, and exit with their status."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        elastic_launch(_config(spec, "spawn"), sys.executable)(*_command())
+    except ChildFailedError as err:
+        print(str(err), file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(0)
+
+
+def launch_function(
+    spec: LaunchSpec,
+    start_method: str,
+    fabric: Any,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    """Run ``fn(fabric, *args, **kwargs)`` in each worker and return the lowest local rank's result.
+
+    Raises:
+        WorkerFailedError: A worker raised or died; the message shows the first failure.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+
+    error_dir = tempfile.mkdtemp(prefix="handloom-errors-")
+    try:
+        results = elastic_launch(_config(spec, start_method), _worker)(fabric, fn, args, kwargs, error_dir)
+    except ChildFailedError as err:
+        raise _first_failure(error_dir, err) from None
+    finally:
+        shutil.rmtree(error_dir, ignore_errors=True)
+    return results[min(results)]
+
+
+def _worker(
+    fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], error_dir: str
+) -> Any:
+    try:
+        fabric._enter_worker()
+        result = fn(fabric, *args, **kwargs)
+    except BaseException as exc:
+        record_failure(exc, os.path.join(error_dir, f"rank-{os.environ.get('RANK', '0')}.json"))
+        raise
+    from handloom.apply import move_data_to_device
+
+    return move_data_to_device(result, "cpu")
+
+
+def record_failure(exc: BaseException, path: str) -> None:
+    """Write this rank's failure (time, rank, traceback) as JSON to ``path``."""
+    record = {
+        "time": time.time(),
+        "rank": int(os.environ.get("RANK", "0")),
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(exc)),
+    }
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle)
+
+
+def _first_failure(error_dir: str, err: Exception) -> WorkerFailedError:
+    records = []
+    for name in os.listdir(error_dir):
+        with open(os.path.join(error_dir, name), encoding="utf-8") as handle:
+            records.append(json.load(handle))
+    if not records:
+        return WorkerFailedError(None, f"A worker process died without a Python traceback.\n{err}")
+    first = min(records, key=lambda r: r["time"])
+    others = sorted(r["rank"] for r in records if r is not first)
+    also = f" (ranks {others} failed after it)" if others else ""
+    return WorkerFailedError(
+        first["rank"],
+        f"Rank {first['rank']} failed first with {first['type']}: {first['message']}{also}.\n"
+        f"Its traceback:\n{first['traceback']}",
+    )
+
+
+def install_failure_recorder() -> None:
+    """In a torchelastic worker, write uncaught exceptions to the agent's error file.
+
+    The agent then names the rank that failed first (by time) as the root cause, instead of a
+    rank that merely lost its connection to it.
+    """
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file or getattr(sys.excepthook, "_handloom", False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        try:
+            ErrorHandler().record_exception(exc)
+        finally:
+            previous(exc_type, exc, tb)
+
+    hook._handloom = True  # type: ignore[attr-defined]
+    sys.excepthook = hook

@@ -1,0 +1,203 @@
+"""Seeding: one call seeds ``random``, NumPy and torch; :class:`WorkerSeeder` seeds DataLoader workers."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch.utils.data import get_worker_info
+
+__all__ = [
+    "GLOBAL_SEED_VAR",
+    "WorkerSeeder",
+    "current_seed",
+    "seed_everything",
+    "seed_workers_enabled",
+]
+
+# Read (never written) when seed_everything() is called without a seed.
+GLOBAL_SEED_VAR = "HANDLOOM_GLOBAL_SEED"
+
+_MAX_SEED = 2**32 - 1
+_log = logging.getLogger("handloom")
+
+# What the last seed_everything() call chose. Module state instead of environment variables,
+# so that nothing leaks into child processes or other libraries.
+_current_seed: int | None = None
+_seed_workers = False
+_warned_no_seed = False
+
+
+def seed_everything(
+    seed: int | None = None,
+    workers: bool = False,
+    verbose: bool = True,
+    *,
+    rank: int | None = None,
+) -> int:
+    """Seed Python's ``random``, NumPy (when installed) and torch (every device) in this process.
+
+    The seed and the ``workers`` flag are remembered for :func:`current_seed` and
+    :func:`seed_workers_enabled`, which the DataLoader setup reads to seed workers and samplers.
+
+    Args:
+        seed: A value in ``[0, 2**32 - 1]``. ``None`` reads ``HANDLOOM_GLOBAL_SEED`` from the
+            environment, and falls back to 0 with a warning when it is not set.
+        workers: Record that DataLoader workers should be seeded with :class:`WorkerSeeder`.
+        verbose: Log the chosen seed at INFO level on the ``"handloom"`` logger.
+        rank: Opt-in per-process offset. When given, the generators are seeded with a value
+            derived from ``(seed, rank)``, so ranks draw different random numbers (useful for
+            per-rank augmentation or dropout); the recorded and returned seed stays ``seed``.
+            Leave it ``None`` where ranks must draw identically, for example when every rank
+            initialises the same replicated weights.
+
+    Returns:
+        The seed that was applied (before any ``rank`` offset).
+
+    Raises:
+        TypeError: ``seed`` or ``rank`` is not an integer.
+        ValueError: ``seed`` is outside the uint32 range, ``rank`` is negative, or
+            ``HANDLOOM_GLOBAL_SEED`` is not an integer.
+    """
+    global _current_seed, _seed_workers
+    if seed is None:
+        seed = _seed_from_environment()
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(
+            f"seed_everything(seed={seed!r}) needs an int. Pass a whole number in [0, {_MAX_SEED}]."
+        )
+    if not 0 <= seed <= _MAX_SEED:
+        raise ValueError(
+            f"seed_everything(seed={seed}) is outside the range NumPy accepts. "
+            f"Pass a seed in [0, {_MAX_SEED}]."
+        )
+    applied = seed
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(
+                f"seed_everything(rank={rank!r}) is not a process rank. Pass an int >= 0, "
+                "for example fabric.global_rank, or leave rank=None to seed every rank alike."
+            )
+        applied = _mix(seed, rank, tag="rank") & _MAX_SEED
+
+    random.seed(applied)
+    torch.manual_seed(applied)
+    np = _maybe_numpy()
+    if np is not None:
+        np.random.seed(applied)
+
+    _current_seed = seed
+    _seed_workers = bool(workers)
+    if verbose:
+        _log.info("Seed set to %d%s", seed, "" if rank is None else f" (offset for rank {rank})")
+    return seed
+
+
+def current_seed() -> int | None:
+    """Return the seed of the last :func:`seed_everything` call, or ``None`` if it was never called."""
+    return _current_seed
+
+
+def seed_workers_enabled() -> bool:
+    """Return the ``workers`` flag of the last :func:`seed_everything` call (False if never called)."""
+    return _seed_workers
+
+
+@dataclass(frozen=True)
+class WorkerSeeder:
+    """A picklable ``worker_init_fn`` that gives every (rank, worker) its own random streams.
+
+    Without it, DataLoader workers on different ranks start from the same seeds (every rank
+    runs the same ``seed_everything``), so random augmentations repeat across ranks. The
+    seeder hashes ``(base_seed, rank, worker_id, worker seed)`` with BLAKE2b and seeds
+    ``random``, NumPy (when installed) and torch from the digest. PyTorch gives each worker a
+    fresh seed (``get_worker_info().seed``) every time workers start (drawn from the loader's
+    generator or the global torch RNG), so the streams also change from epoch to epoch while
+    staying reproducible under a fixed seed.
+
+    Args:
+        rank: The global rank of this process.
+        base_seed: The run's seed, usually :func:`current_seed`.
+        worker_init_fn: The user's own ``worker_init_fn``; it runs after seeding.
+
+    Example:
+        >>> loader = DataLoader(ds, num_workers=4, worker_init_fn=WorkerSeeder(rank=1, base_seed=42))
+    """
+
+    rank: int
+    base_seed: int
+    worker_init_fn: Callable[[int], None] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "base_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"WorkerSeeder({name}={value!r}) is invalid. Pass an int >= 0.")
+        if self.worker_init_fn is not None and not callable(self.worker_init_fn):
+            raise TypeError(
+                f"WorkerSeeder(worker_init_fn={self.worker_init_fn!r}) is not callable. "
+                "Pass a function taking the worker id, or None."
+            )
+
+    def __call__(self, worker_id: int) -> None:
+        """Seed this worker's generators, then call the user's ``worker_init_fn`` if any.
+
+        Args:
+            worker_id: The DataLoader worker index, as PyTorch passes it.
+        """
+        info = get_worker_info()
+        # PyTorch's per-worker seed; it is fresh each time workers start, so epochs differ.
+        # Called outside a worker (in tests, or by hand) there is none and 0 stands in.
+        worker_seed = 0 if info is None else info.seed
+        key = (self.base_seed, self.rank, worker_id, worker_seed)
+        random.seed(_mix(*key, tag="random"))
+        torch.manual_seed(_mix(*key, tag="torch") & (2**63 - 1))
+        np = _maybe_numpy()
+        if np is not None:
+            digest = _mix(*key, tag="numpy")
+            # The legacy global NumPy RNG takes at most uint32 words; four of them keep 128 bits.
+            np.random.seed([(digest >> (32 * i)) & _MAX_SEED for i in range(4)])
+        if self.worker_init_fn is not None:
+            self.worker_init_fn(worker_id)
+
+
+def _mix(*values: int, tag: str) -> int:
+    """Hash integers into a 128-bit integer; ``tag`` separates the streams of different libraries."""
+    text = ":".join([tag, *(str(v) for v in values)])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
+
+
+def _seed_from_environment() -> int:
+    global _warned_no_seed
+    raw = os.environ.get(GLOBAL_SEED_VAR)
+    if raw is None:
+        if not _warned_no_seed:
+            _warned_no_seed = True
+            warnings.warn(
+                f"seed_everything() was called without a seed and {GLOBAL_SEED_VAR} is not set, "
+                "so the seed is 0. Pass seed=... to choose one.",
+                stacklevel=3,
+            )
+        return 0
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(
+            f"{GLOBAL_SEED_VAR}={raw!r} is not an integer. "
+            f"Set it to a whole number in [0, {_MAX_SEED}] or pass seed=... to seed_everything()."
+        ) from None
+
+
+def _maybe_numpy() -> ModuleType | None:
+    try:
+        import numpy
+    except ImportError:
+        return None
+    return numpy

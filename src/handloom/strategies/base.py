@@ -1,0 +1,192 @@
+"""The strategy contract: how a model, its optimizers and collectives work across processes."""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from handloom.amp import AmpRunner
+from handloom.environments import Topology
+from handloom.precision import PrecisionPolicy
+
+if TYPE_CHECKING:
+    from handloom.devices import AcceleratorName, HardwareProbe
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """The facts a strategy needs at run time, handed over once before use.
+
+    Attributes:
+        accelerator: The concrete accelerator.
+        device: This process's device.
+        topology: Ranks and world size of this process.
+        num_nodes: Nodes in the job.
+        precision: The precision policy.
+    """
+
+    accelerator: AcceleratorName
+    device: torch.device
+    topology: Topology
+    num_nodes: int
+    precision: PrecisionPolicy
+
+
+class Strategy:
+    """Base class: a single process with no communication.
+
+    Subclasses take their own options in ``__init__``; runtime facts arrive once through
+    :meth:`bind`.
+    """
+
+    name: str = "strategy"
+    #: True when the strategy runs one process per device.
+    is_distributed: bool = False
+    #: How processes are started when handloom starts them: "popen", "spawn", "fork" or None.
+    start_method: str | None = None
+
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+        self._amp: AmpRunner | None = None
+
+    def check_compatible(
+        self, *, accelerator: AcceleratorName, world_size: int, probe: HardwareProbe
+    ) -> None:
+        """Reject an accelerator or process count the strategy cannot serve (pure; raises ValueError)."""
+
+    def bind(self, runtime: Runtime) -> None:
+        """Give the strategy its runtime facts. Called once per process by Fabric.
+
+        Raises:
+            RuntimeError: The strategy is already bound to a different runtime (e.g. the same
+                instance passed to two Fabric objects).
+        """
+        if self._runtime is not None and self._runtime != runtime:
+            raise RuntimeError(
+                f"This {type(self).__name__} instance is already in use by another Fabric object."
+                " Create a new strategy instance for each Fabric."
+            )
+        self._runtime = runtime
+        self._amp = AmpRunner(runtime.precision, runtime.device.type)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The bound runtime.
+
+        Raises:
+            RuntimeError: Used before the processes were launched.
+        """
+        if self._runtime is None:
+            raise RuntimeError(
+                f"The {self.name!r} strategy is not running yet: its processes have not been started."
+                " Call fabric.launch() first (or start the script with `handloom run`)."
+            )
+        return self._runtime
+
+    @property
+    def is_bound(self) -> bool:
+        """True once :meth:`bind` was called."""
+        return self._runtime is not None
+
+    @property
+    def amp(self) -> AmpRunner:
+        """The precision realisation (autocast, casting, gradient scaler)."""
+        if self._amp is None:
+            raise RuntimeError(self.runtime and "unreachable")
+        return self._amp
+
+    @property
+    def root_device(self) -> torch.device:
+        """This process's device."""
+        return self.runtime.device
+
+    @property
+    def global_rank(self) -> int:
+        """Rank among all processes."""
+        return self._runtime.topology.global_rank if self._runtime else 0
+
+    @property
+    def local_rank(self) -> int:
+        """Rank on this node."""
+        return self._runtime.topology.local_rank if self._runtime else 0
+
+    @property
+    def node_rank(self) -> int:
+        """Index of this node."""
+        return self._runtime.topology.node_rank if self._runtime else 0
+
+    @property
+    def world_size(self) -> int:
+        """Number of processes in the job."""
+        return self._runtime.topology.world_size if self._runtime else 1
+
+    @property
+    def is_global_zero(self) -> bool:
+        """True on global rank 0."""
+        return self.global_rank == 0
+
+    # --- set-up -------------------------------------------------------------------------------
+    def setup_environment(self) -> None:
+        """Create what the strategy needs to communicate (nothing for a single process)."""
+
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """Return the module that runs the forward pass (a DDP wrapper, or the module itself)."""
+        return module
+
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Prepare an optimizer; most strategies leave it alone."""
+        return optimizer
+
+    def module_to_device(self, module: torch.nn.Module) -> None:
+        """Move ``module``'s parameters and buffers to this process's device."""
+        module.to(self.root_device)
+
+    @property
+    def distributed_sampler_kwargs(self) -> tuple[int, int] | None:
+        """``(num_replicas, rank)`` for data sharding, or ``None`` when every process sees all data."""
+        return None
+
+    def no_backward_sync(self, module: torch.nn.Module, enabled: bool) -> AbstractContextManager[Any]:
+        """A context in which backward passes accumulate gradients without synchronising them."""
+        return contextlib.nullcontext()
+
+    def clip_grad_norm(
+        self, parameters: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
+    ) -> torch.Tensor:
+        """Clip gradients to a total norm and return the norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(
+            parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+        )
+
+    # --- collectives (identity for one process) --------------------------------------------------
+    def barrier(self, name: str | None = None) -> None:
+        """Wait until every process reaches this point."""
+
+    def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
+        """Reduce ``tensor`` over processes."""
+        from handloom.distributed import resolve_reduce_op
+
+        resolve_reduce_op(reduce_op)  # reject unknown names even with one process
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor | list[torch.Tensor]:
+        """Gather ``tensor`` from every process."""
+        return tensor
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Send ``obj`` from ``src`` to every process."""
+        return obj
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup_environment` created."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Runtime facts belong to one process; a strategy sent to a new process is bound again there.
+        state = self.__dict__.copy()
+        state["_runtime"] = None
+        state["_amp"] = None
+        return state
