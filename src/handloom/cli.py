@@ -124,7 +124,90 @@ def _argtype(parse: Callable[[str], object]) -> Callable[[str], str]:
     return check
 
 
-def _add_run_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+# Options handed to torchrun under its own name, only when given: (name, type, metavar, help).
+_TORCHRUN_PASSTHROUGH: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
+    ("rdzv_backend", str, "NAME", "rendezvous backend, e.g. c10d (default: static, via --main-address)"),
+    ("rdzv_endpoint", str, "HOST:PORT", "where the rendezvous backend listens"),
+    ("rdzv_id", str, "ID", "job id shared by every node"),
+    ("rdzv_conf", str, "K=V,...", "extra rendezvous settings"),
+    ("monitor_interval", float, "SECONDS", "how often torchrun checks on the workers"),
+    ("log_dir", str, "DIR", "where the workers' logs go"),
+    ("redirects", str, "SPEC", "send the workers' output to --log-dir only, e.g. 3 for both streams"),
+    ("tee", str, "SPEC", "copy the workers' output to --log-dir, e.g. 3 for both streams"),
+)
+
+
+def _flags(name: str) -> list[str]:
+    """Both spellings of an option: ``--num-nodes`` and ``--num_nodes``."""
+    return list(dict.fromkeys(["--" + name.replace("_", "-"), "--" + name]))
+
+
+def _add_run_options(run: argparse.ArgumentParser) -> None:
+    what = run.add_argument_group("what to run on (also passed to Fabric in the script)")
+    what.add_argument(
+        "--accelerator", choices=_env_names.ACCELERATOR_NAMES, help="hardware (default: Fabric decides)"
+    )
+    what.add_argument(
+        "--strategy",
+        choices=_env_names.CLI_STRATEGY_NAMES,
+        help="how the processes share the work; 'dp' starts one process (default: Fabric decides)",
+    )
+    what.add_argument(
+        "--devices",
+        type=_argtype(_parse_devices),
+        metavar="N",
+        help="processes per node: a count, 'auto' or -1 for every GPU, or GPU indices like '0,1' "
+        f"(default {_DEFAULT_DEVICES})",
+    )
+    what.add_argument(
+        *_flags("num_nodes"),
+        "--nnodes",
+        dest="num_nodes",
+        type=_argtype(_parse_node_range),
+        metavar="N",
+        help="number of nodes, or MIN:MAX for an elastic job (default 1)",
+    )
+    what.add_argument("--precision", choices=_PRECISION_CHOICES, help="(default: Fabric decides)")
+
+    where = run.add_argument_group("how the nodes meet (passed to torchrun)")
+    where.add_argument(*_flags("node_rank"), type=int, metavar="R", help="this node's rank (default 0)")
+    where.add_argument(
+        *_flags("main_address"), metavar="HOST", help=f"address of node 0 (default {_DEFAULT_MAIN_ADDRESS})"
+    )
+    where.add_argument(
+        *_flags("main_port"),
+        type=int,
+        metavar="PORT",
+        help=f"port on node 0 (default {_DEFAULT_MAIN_PORT} for several nodes, a free port on one node)",
+    )
+    where.add_argument("--standalone", action="store_true", help="one node: torchrun sets up the rendezvous")
+    where.add_argument(
+        *_flags("max_restarts"),
+        type=int,
+        default=0,
+        metavar="N",
+        help="restart every worker up to N times after a failure (default 0)",
+    )
+    for name, kind, metavar, text in _TORCHRUN_PASSTHROUGH:
+        where.add_argument(*_flags(name), type=kind, metavar=metavar, help=text)
+
+    run.add_argument("script", metavar="SCRIPT", help="path of the Python script to start")
+    run.add_argument(
+        "script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS", help="passed to the script as written"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the ``handloom`` argument parser with one subcommand per action.
+
+    Returns:
+        The top-level parser. Each subcommand stores the function that carries it out in ``handler``.
+    """
+    parser = argparse.ArgumentParser(
+        prog="handloom", description="Launch and manage handloom training jobs.", allow_abbrev=False
+    )
+    parser.add_argument("--version", action="version", version=f"handloom {__version__}")
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
     run = subparsers.add_parser(
         "run",
         help="launch a script on several devices or nodes through torchrun",
@@ -137,142 +220,8 @@ def _add_run_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentPars
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    what = run.add_argument_group("what to run on (also passed to Fabric in the script)")
-    what.add_argument(
-        "--accelerator",
-        choices=_env_names.ACCELERATOR_NAMES,
-        default=None,
-        help="hardware to run on (default: Fabric decides)",
-    )
-    what.add_argument(
-        "--strategy",
-        choices=_env_names.CLI_STRATEGY_NAMES,
-        default=None,
-        help="how processes share the work; 'dp' starts one process (default: Fabric decides)",
-    )
-    what.add_argument(
-        "--devices",
-        type=_argtype(_parse_devices),
-        default=None,
-        metavar="N",
-        help="processes per node: a count, 'auto' or -1 for every GPU, or GPU indices like '0,1' "
-        f"(default {_DEFAULT_DEVICES})",
-    )
-    what.add_argument(
-        "--num-nodes",
-        "--num_nodes",
-        "--nnodes",
-        dest="num_nodes",
-        type=_argtype(_parse_node_range),
-        default=None,
-        metavar="N",
-        help="number of nodes, or MIN:MAX for an elastic job (default 1)",
-    )
-    what.add_argument(
-        "--precision", choices=_PRECISION_CHOICES, default=None, help="(default: Fabric decides)"
-    )
-
-    where = run.add_argument_group("how the nodes meet")
-    where.add_argument(
-        "--node-rank",
-        "--node_rank",
-        dest="node_rank",
-        type=int,
-        default=None,
-        metavar="R",
-        help="this node's rank among --num-nodes, for static rendezvous (default 0)",
-    )
-    where.add_argument(
-        "--main-address",
-        "--main_address",
-        dest="main_address",
-        default=None,
-        metavar="HOST",
-        help=f"address of node 0 (default {_DEFAULT_MAIN_ADDRESS})",
-    )
-    where.add_argument(
-        "--main-port",
-        "--main_port",
-        dest="main_port",
-        type=int,
-        default=None,
-        metavar="PORT",
-        help=f"port on node 0 (default {_DEFAULT_MAIN_PORT} for several nodes, a free port on one node)",
-    )
-    where.add_argument(
-        "--rdzv-backend",
-        "--rdzv_backend",
-        dest="rdzv_backend",
-        default=None,
-        metavar="NAME",
-        help="torchrun rendezvous backend, e.g. c10d (default: static, through --main-address)",
-    )
-    where.add_argument(
-        "--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", default=None, metavar="HOST:PORT"
-    )
-    where.add_argument("--rdzv-id", "--rdzv_id", dest="rdzv_id", default=None, metavar="ID", help="job id")
-    where.add_argument(
-        "--rdzv-conf",
-        "--rdzv_conf",
-        dest="rdzv_conf",
-        default=None,
-        metavar="K=V,...",
-        help="extra rendezvous settings",
-    )
-    where.add_argument(
-        "--standalone", action="store_true", help="single node: let torchrun pick the rendezvous itself"
-    )
-
-    elastic = run.add_argument_group("fault tolerance and logs (passed to torchrun)")
-    elastic.add_argument(
-        "--max-restarts",
-        "--max_restarts",
-        dest="max_restarts",
-        type=int,
-        default=0,
-        metavar="N",
-        help="restart every worker up to N times after a failure (default 0)",
-    )
-    elastic.add_argument(
-        "--monitor-interval",
-        "--monitor_interval",
-        dest="monitor_interval",
-        type=float,
-        default=None,
-        metavar="SECONDS",
-        help="how often torchrun checks on the workers",
-    )
-    elastic.add_argument(
-        "--log-dir", "--log_dir", dest="log_dir", default=None, metavar="DIR", help="where workers' logs go"
-    )
-    elastic.add_argument(
-        "--redirects", default=None, metavar="SPEC", help="send workers' output to --log-dir, e.g. 3"
-    )
-    elastic.add_argument(
-        "--tee", default=None, metavar="SPEC", help="copy workers' output to --log-dir, e.g. 3"
-    )
-
-    run.add_argument("script", metavar="SCRIPT", help="path of the Python script to start")
-    run.add_argument(
-        "script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS", help="passed to the script as written"
-    )
+    _add_run_options(run)
     run.set_defaults(handler=functools.partial(_run_command, usage_error=run.error))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Build the ``handloom`` argument parser with one subcommand per action.
-
-    Returns:
-        The top-level parser. Each subcommand stores its handler in ``handler``.
-    """
-    parser = argparse.ArgumentParser(
-        prog="handloom",
-        description="Launch and manage handloom training jobs.",
-        allow_abbrev=False,
-    )
-    parser.add_argument("--version", action="version", version=f"handloom {__version__}")
-    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND", required=True)
-    _add_run_parser(subparsers)
     return parser
 
 
@@ -343,6 +292,11 @@ def _validate(ns: argparse.Namespace) -> None:
                 f"--node-rank {ns.node_rank} is out of range for {max_nodes} node(s): "
                 f"ranks run from 0 to {max_nodes - 1}. Give each node its own rank in that range."
             )
+    if ns.standalone and _parse_node_range(ns.num_nodes or "1")[1] > 1:
+        raise ValueError(
+            f"--standalone --num-nodes {ns.num_nodes} cannot work: a standalone rendezvous lives on this "
+            "machine alone. Drop --standalone and give --main-address, or --rdzv-backend and --rdzv-endpoint."
+        )
     if ns.main_port is not None and not 0 < ns.main_port < 65536:
         raise ValueError(
             f"--main-port {ns.main_port} is not a TCP port. Give a free port between 1 and 65535."
@@ -388,17 +342,10 @@ def build_torchrun_args(ns: argparse.Namespace, num_cuda_devices: int = 0) -> li
     args.append(f"--max-restarts={ns.max_restarts}")
     if ns.standalone:
         args.append("--standalone")
-    passthrough = (
-        ("--rdzv-backend", ns.rdzv_backend),
-        ("--rdzv-endpoint", ns.rdzv_endpoint),
-        ("--rdzv-id", ns.rdzv_id),
-        ("--rdzv-conf", ns.rdzv_conf),
-        ("--monitor-interval", ns.monitor_interval),
-        ("--log-dir", ns.log_dir),
-        ("--redirects", ns.redirects),
-        ("--tee", ns.tee),
-    )
-    args.extend(f"{flag}={value}" for flag, value in passthrough if value is not None)
+    for name, *_ in _TORCHRUN_PASSTHROUGH:
+        value = getattr(ns, name)
+        if value is not None:
+            args.append(f"{_flags(name)[0]}={value}")
     return [*args, ns.script, *ns.script_args]
 
 

@@ -264,6 +264,7 @@ def test_missing_script_is_named(capsys: pytest.CaptureFixture[str], tmp_path: P
         (["--num-nodes", "2", "--node-rank", "2"], "--node-rank 2"),
         (["--node-rank", "-1"], "--node-rank -1"),
         (["--main-port", "70000"], "--main-port 70000"),
+        (["--standalone", "--num-nodes", "2"], "--standalone --num-nodes 2"),
         (["--max-restarts", "-1"], "--max-restarts -1"),
         (["--accelerator", "mps", "--devices", "2"], "--accelerator mps --devices 2"),
         (["--accelerator", "cpu", "--devices", "0,1"], "--accelerator cpu --devices '0,1'"),

@@ -1,0 +1,175 @@
+"""DDP on real gloo process groups (2 forked processes per test): what users rely on."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from handloom import Fabric
+from handloom.launcher import WorkerFailedError
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+
+def _fabric(**kwargs: Any) -> Fabric:
+    return Fabric(accelerator="cpu", devices=2, strategy="ddp_fork", **kwargs)
+
+
+def _rank_batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(8, 4, generator=gen), torch.randint(0, 2, (8,), generator=gen)
+
+
+def _same_on_all_ranks(fabric: Fabric, tensor: torch.Tensor) -> bool:
+    gathered = fabric.all_gather(tensor.detach())
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def _train_checks(fabric: Fabric) -> dict[str, Any]:
+    rank = fabric.global_rank
+    torch.manual_seed(0)  # identical initial weights on every rank
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    reference = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    reference.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = fabric.setup(model, optimizer)
+    assert list(model.state_dict()) == list(reference.state_dict())  # no "module." prefix
+
+    # Gradients are the mean of the per-rank gradients.
+    x, y = _rank_batch(rank)
+    fabric.backward(nn.functional.cross_entropy(model(x), y))
+    nn.functional.cross_entropy(reference(x), y).backward()
+    for synced, local in zip(model.parameters(), reference.parameters(), strict=True):
+        expected = fabric.all_gather(local.grad).mean(dim=0)
+        torch.testing.assert_close(synced.grad, expected, rtol=1e-6, atol=1e-7)
+    norm = fabric.clip_gradients(model, optimizer, max_norm=0.05)
+    assert norm is not None and _same_on_all_ranks(fabric, norm)
+    optimizer.step()
+    optimizer.zero_grad()
+
+    # no_backward_sync: local gradients stay local until the synchronising step.
+    for micro in range(2):
+        accumulating = micro == 0
+        with fabric.no_backward_sync(model, enabled=accumulating):
+            fabric.backward(model(x).sum())
+        first_grad = next(model.parameters()).grad
+        if accumulating:
+            assert not _same_on_all_ranks(fabric, first_grad)
+    assert _same_on_all_ranks(fabric, first_grad)
+    optimizer.step()
+    for param in model.parameters():
+        assert _same_on_all_ranks(fabric, param)
+    return {"rank": rank}
+
+
+def test_ddp_gradients_weights_and_clipping() -> None:
+    assert _fabric().launch(_train_checks) == {"rank": 0}
+
+
+def _data_checks(fabric: Fabric) -> None:
+    dataset = TensorDataset(torch.arange(21))
+    for shuffle, drop_last in [(True, False), (False, False), (True, True)]:
+        loader = fabric.setup_dataloaders(
+            DataLoader(dataset, batch_size=4, shuffle=shuffle, drop_last=drop_last)
+        )
+        seen = [torch.cat([b[0] for b in loader]) for _ in range(2)]  # two epochs
+        for epoch_indices in seen:
+            gathered = fabric.all_gather(epoch_indices)
+            mine, other = set(gathered[0].tolist()), set(gathered[1].tolist())
+            if drop_last:
+                # 10 samples per rank, then whole batches of 4 only: 8 per rank, none shared.
+                assert not mine & other and len(mine) == len(other) == 8
+            else:
+                assert mine | other == set(range(21))  # covers the dataset (the last index is padded)
+                assert len(mine & other) <= 1
+        if shuffle:
+            assert not torch.equal(seen[0], seen[1])  # set_epoch gives each epoch its own order
+        assert len(loader) == (2 if drop_last else 3)
+
+
+def test_dataloaders_are_sharded_disjointly_and_cover_the_data() -> None:
+    _fabric().launch(_data_checks)
+
+
+def _collective_checks(fabric: Fabric) -> None:
+    rank = fabric.global_rank
+    value = torch.tensor([1.0, 2.0]) * (rank + 1)
+    assert fabric.all_reduce(value, reduce_op="sum").tolist() == [3.0, 6.0]
+    assert fabric.all_reduce(value, reduce_op="mean").tolist() == [1.5, 3.0]
+    assert fabric.all_reduce(value, reduce_op="max").tolist() == [2.0, 4.0]
+    assert fabric.all_reduce(value, reduce_op="min").tolist() == [1.0, 2.0]
+    assert value.tolist() == [float(rank + 1), 2.0 * (rank + 1)]  # input untouched
+    assert fabric.all_reduce(torch.tensor(rank + 1), reduce_op="mean").item() == 1.5
+    assert fabric.all_reduce(rank + 1, reduce_op="sum").item() == 3
+    reduced = fabric.all_reduce({"a": value, "b": [torch.tensor(1.0)]}, reduce_op="sum")
+    assert reduced["b"][0].item() == 2.0
+    assert fabric.all_gather(torch.tensor(rank)).tolist() == [0, 1]
+    uneven = fabric.all_gather(torch.arange(rank + 2))
+    assert isinstance(uneven, list) and [t.tolist() for t in uneven] == [[0, 1], [0, 1, 2]]
+    ragged = fabric.all_gather(torch.ones(rank + 1, 3))
+    assert [tuple(t.shape) for t in ragged] == [(1, 3), (2, 3)]
+    sent = fabric.broadcast(torch.arange(4.0) + 10 * rank if rank == 1 else None, src=1)
+    assert sent.tolist() == [10.0, 11.0, 12.0, 13.0]
+    assert fabric.broadcast({"epoch": rank}, src=0) == {"epoch": 0}
+    with pytest.raises(ValueError, match="different kinds"):
+        fabric.all_gather(torch.ones(2, dtype=torch.float32 if rank == 0 else torch.int64))
+    order = []
+    with fabric.rank_zero_first():
+        order.append(time.monotonic())
+    times = fabric.all_gather(torch.tensor(order[0], dtype=torch.float64))
+    assert times[0] <= times[1]
+    fabric.barrier()
+
+
+def test_collectives() -> None:
+    _fabric().launch(_collective_checks)
+
+
+def _mixed_checks(fabric: Fabric) -> float:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = _rank_batch(fabric.global_rank)
+    for _ in range(3):
+        fabric.backward(nn.functional.cross_entropy(model(x), y))
+        optimizer.step()
+        optimizer.zero_grad()
+    assert _same_on_all_ranks(fabric, model.module.weight)
+    return float(fabric.strategy.amp.scaler.get_scale()) if fabric.strategy.amp.scaler else 0.0
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_under_ddp(precision: str) -> None:
+    scale = _fabric(precision=precision).launch(_mixed_checks)
+    assert (scale > 0) == (precision == "16-mixed")
+
+
+def _fail_on_rank_one(fabric: Fabric) -> None:
+    if fabric.global_rank == 1:
+        raise ValueError("rank one cannot go on")
+    fabric.barrier()  # rank 0 would wait here forever if the failure did not stop it
+    time.sleep(60)
+
+
+def test_a_failing_rank_stops_the_job_with_its_traceback() -> None:
+    start = time.monotonic()
+    with pytest.raises(WorkerFailedError) as info:
+        _fabric().launch(_fail_on_rank_one)
+    assert time.monotonic() - start < 20
+    assert info.value.rank == 1
+    message = str(info.value)
+    assert "ValueError: rank one cannot go on" in message and "_fail_on_rank_one" in message
+
+
+def test_spawn_returns_rank_zero_result() -> None:
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    assert fabric.launch(_rank_and_world, 5) == (0, 2, 5)
+
+
+def _rank_and_world(fabric: Fabric, extra: int) -> tuple[int, int, int]:
+    return fabric.global_rank, fabric.world_size, extra
