@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from handloom import distributed
 from handloom.strategies.base import Strategy
 
 if TYPE_CHECKING:
@@ -83,6 +82,8 @@ class DDPStrategy(Strategy):
     def setup_environment(self) -> None:
         if self.root_device.type == "cuda":
             torch.cuda.set_device(self.root_device)
+        from handloom import distributed
+
         distributed.init_process_group(
             self.runtime.topology, backend=self.backend, timeout=self.timeout, device=self.root_device
         )
@@ -114,16 +115,24 @@ class DDPStrategy(Strategy):
 
     @override
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
+        from handloom import distributed
+
         return distributed.all_reduce(tensor.to(self.root_device), reduce_op, group)
 
     @override
     def all_gather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor | list[torch.Tensor]:
+        from handloom import distributed
+
         return distributed.all_gather(tensor.to(self.root_device), group)
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
+        from handloom import distributed
+
         return distributed.broadcast(obj, src, self.root_device)
 
     @override
     def teardown(self) -> None:
+        from handloom import distributed
+
         distributed.destroy_process_group()
