@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import inspect
 import os
 import weakref
 from collections.abc import Callable, Generator, Mapping
@@ -15,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from handloom import checkpoint, launcher
+from handloom import checkpoint, launcher, validation
 from handloom.apply import apply_to_tensors, move_data_to_device
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
@@ -69,11 +68,13 @@ class Fabric:
         callbacks: Any = None,
         loggers: Any = None,
     ) -> None:
-        options = FabricOptions(accelerator, strategy, devices, num_nodes, precision, _as_list(plugins))
+        options = FabricOptions(
+            accelerator, strategy, devices, num_nodes, precision, validation.as_list(plugins)
+        )
         self._plan: Plan = resolve_plan(options, os.environ, probe_hardware())
         self._strategy: Strategy = self._plan.strategy
-        self._callbacks: list[Any] = _as_list(callbacks)
-        self._loggers: list[Any] = _as_list(loggers)
+        self._callbacks: list[Any] = validation.as_list(callbacks)
+        self._loggers: list[Any] = validation.as_list(loggers)
         self._launched = False
         self._setup_objects: weakref.WeakSet[Any] = weakref.WeakSet()
         if self._plan.launch in ("none", "external"):
@@ -134,7 +135,7 @@ class Fabric:
                 was launched without a function.
         """
         if function is not None:
-            _check_launch_function(function)
+            validation.check_launch_function(function)
         mode = self._plan.launch
         if mode in ("none", "external"):
             self._setup_environment()
@@ -245,9 +246,9 @@ class Fabric:
             TypeError: ``module`` is not a ``torch.nn.Module`` or an optimizer is not an optimizer.
         """
         self._ensure_running()
-        self._check_module(module)
+        validation.check_module(module, self._setup_objects)
         for optimizer in optimizers:
-            self._check_optimizer(optimizer)
+            validation.check_optimizer(optimizer, self._setup_objects)
         wrapped = self._wrap_module(module, move_to_device)
         wrapped_optimizers = [self._wrap_optimizer(o) for o in optimizers]
         self.call("on_after_setup", fabric=self, module=wrapped)
@@ -259,7 +260,7 @@ class Fabric:
     def setup_module(self, module: torch.nn.Module, move_to_device: bool = True) -> _FabricModule:
         """Prepare a model alone (its optimizers go through :meth:`setup_optimizers`)."""
         self._ensure_running()
-        self._check_module(module)
+        validation.check_module(module, self._setup_objects)
         wrapped = self._wrap_module(module, move_to_device)
         self.call("on_after_setup", fabric=self, module=wrapped)
         return wrapped
@@ -274,7 +275,7 @@ class Fabric:
         if not optimizers:
             raise ValueError("fabric.setup_optimizers() got no optimizer. Pass at least one.")
         for optimizer in optimizers:
-            self._check_optimizer(optimizer)
+            validation.check_optimizer(optimizer, self._setup_objects)
         wrapped = [self._wrap_optimizer(o) for o in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
@@ -289,27 +290,6 @@ class Fabric:
     def _wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> _FabricOptimizer:
         self._setup_objects.add(optimizer)
         return _FabricOptimizer(self._strategy.setup_optimizer(optimizer), self._strategy, self._callbacks)
-
-    def _check_module(self, module: object) -> None:
-        if isinstance(module, _FabricModule) or module in self._setup_objects:
-            raise ValueError(
-                f"fabric.setup({type(_unwrapped(module)).__name__}) got a model that is already set up."
-                " Set up each model once and keep using the object setup returned."
-            )
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"fabric.setup() needs a torch.nn.Module first, got {type(module).__name__}.")
-
-    def _check_optimizer(self, optimizer: object) -> None:
-        if isinstance(optimizer, _FabricOptimizer) or optimizer in self._setup_objects:
-            raise ValueError(
-                f"fabric.setup(..., {type(_unwrapped(optimizer)).__name__}) got an optimizer that is already"
-                " set up. Set up each optimizer once."
-            )
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"fabric.setup() takes optimizers after the model, got {type(optimizer).__name__}."
-                " Pass torch.optim.Optimizer instances; pass LR schedulers as scheduler=..."
-            )
 
     def setup_dataloaders(
         self, *dataloaders: DataLoader[Any], use_distributed_sampler: bool = True, move_to_device: bool = True
@@ -378,23 +358,9 @@ class Fabric:
             ValueError: Both or neither of ``clip_val`` and ``max_norm`` given.
             TypeError: ``module`` or ``optimizer`` was not set up by Fabric.
         """
-        if not isinstance(module, _FabricModule):
-            raise TypeError(
-                f"fabric.clip_gradients() needs the model returned by fabric.setup(), got"
-                f" {type(module).__name__}. Set it up first:"
-                " model, optimizer = fabric.setup(model, optimizer)."
-            )
-        if not isinstance(optimizer, _FabricOptimizer):
-            raise TypeError(
-                f"fabric.clip_gradients() needs the optimizer returned by fabric.setup(), got"
-                f" {type(optimizer).__name__}. Set it up first:"
-                " model, optimizer = fabric.setup(model, optimizer)."
-            )
-        if (clip_val is None) == (max_norm is None):
-            raise ValueError(
-                f"fabric.clip_gradients(clip_val={clip_val!r}, max_norm={max_norm!r}) needs exactly one of"
-                " them. Pass clip_val=... to clip each value, or max_norm=... to clip the total norm."
-            )
+        validation.require_set_up(module, _FabricModule, "clip_gradients")
+        validation.require_set_up(optimizer, _FabricOptimizer, "clip_gradients")
+        validation.check_clip_arguments(clip_val, max_norm)
         amp = self._strategy.amp
         amp.unscale(optimizer.optimizer)
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -416,11 +382,7 @@ class Fabric:
         Raises:
             TypeError: ``module`` was not set up by Fabric.
         """
-        if not isinstance(module, _FabricModule):
-            raise TypeError(
-                f"fabric.no_backward_sync() needs the model returned by fabric.setup(), got"
-                f" {type(module).__name__}. Set it up first: model = fabric.setup(model)."
-            )
+        validation.require_set_up(module, _FabricModule, "no_backward_sync")
         return self._strategy.no_backward_sync(module._forward_module, enabled)
 
     # --- devices and creation -------------------------------------------------------------------
@@ -524,7 +486,7 @@ class Fabric:
             method = getattr(callback, hook_name, None)
             if not callable(method):
                 continue
-            method(*args, **_accepted_kwargs(method, kwargs))
+            method(*args, **validation.accepted_kwargs(method, kwargs))
 
     def log(self, name: str, value: Any, step: int | None = None) -> None:
         """Log one metric to every logger."""
@@ -569,46 +531,3 @@ class Fabric:
             target.load_state_dict(data, strict=strict)
         else:
             target.load_state_dict(data)
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
-
-
-def _unwrapped(obj: Any) -> Any:
-    from handloom.wrappers import unwrap
-
-    return unwrap(obj)
-
-
-def _check_launch_function(function: object) -> None:
-    if not callable(function):
-        raise TypeError(
-            f"fabric.launch({function!r}) needs a function. Pass one that takes the Fabric object first:"
-            " def train(fabric): ..."
-        )
-    try:
-        params = inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return
-    takes_any = any(p.kind in (p.VAR_POSITIONAL,) for p in params.values())
-    if not params or (not takes_any and all(p.kind == p.KEYWORD_ONLY for p in params.values())):
-        name = getattr(function, "__name__", repr(function))
-        raise TypeError(
-            f"fabric.launch({name}) must accept the Fabric object as its first argument:"
-            f" def {name}(fabric, ...): ..."
-        )
-
-
-def _accepted_kwargs(method: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    try:
-        params = inspect.signature(method).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
