@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import os
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -21,6 +23,7 @@ _DTYPES: tuple[torch.dtype, ...] = (
 )  # fmt: skip
 _REDUCE_OPS = ("sum", "mean", "avg", "max", "min", "product")
 _teardown_registered = False
+_EXIT_DRAIN_SECONDS = 0.25
 
 
 def init_process_group(topology: Topology, *, backend: str, timeout: timedelta, device: torch.device) -> None:
@@ -44,11 +47,7 @@ def init_process_group(topology: Topology, *, backend: str, timeout: timedelta, 
     if topology.name == "torchelastic":
         dist.init_process_group(backend, init_method="env://", timeout=timeout, device_id=device_id)
     else:
-        address, port = topology.main_address, topology.main_port
-        if address is None or port is None:
-            from handloom.environments.mpi import discover_main_address_with_mpi
-
-            address, port = discover_main_address_with_mpi()
+        address, port = _rendezvous_address(topology)
         dist.init_process_group(
             backend,
             init_method=f"tcp://{address}:{port}",
@@ -61,6 +60,24 @@ def init_process_group(topology: Topology, *, backend: str, timeout: timedelta, 
     _limit_cpu_threads(topology)
 
 
+def _rendezvous_address(topology: Topology) -> tuple[str, int]:
+    address, port = topology.main_address, topology.main_port
+    if (address is None or port is None) and topology.name == "mpi":
+        from handloom.environments.mpi import discover_main_address_with_mpi
+
+        return discover_main_address_with_mpi()
+    if port is None:
+        if topology.world_size > 1:
+            raise RuntimeError(
+                f"The {topology.name} environment gives no port for the {topology.world_size} processes"
+                " to meet at. Set MASTER_ADDR and MASTER_PORT, or start the job with `handloom run`."
+            )
+        from handloom.launcher import find_free_port
+
+        port = find_free_port()  # a one-process group only needs a port nobody else uses
+    return address or "127.0.0.1", port
+
+
 def _limit_cpu_threads(topology: Topology) -> None:
     # Several CPU processes on one node each default to all cores; that oversubscribes the machine.
     local = topology.local_world_size or 1
@@ -71,19 +88,29 @@ def _limit_cpu_threads(topology: Topology) -> None:
 def _register_teardown() -> None:
     global _teardown_registered
     if not _teardown_registered:
-        atexit.register(destroy_process_group)
+        atexit.register(_teardown_at_exit)
         _teardown_registered = True
 
 
 def destroy_process_group() -> None:
-    """Destroy the default process group if it exists.
-
-    Called at interpreter exit so no communication thread outlives the Python objects it uses
-    (an alive gloo group at exit can abort the process with "terminate called without an active
-    exception").
-    """
+    """Destroy the default process group if it exists."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _teardown_at_exit() -> None:
+    """Destroy the process group, then let gloo's threads finish freeing tensors before Python stops.
+
+    A gloo thread frees the tensors of the last collective after it completes, which needs the GIL.
+    If that happens while the interpreter finalises, the thread is torn down mid-way and the process
+    aborts ("terminate called without an active exception"), turning a finished job into a failed
+    one. Once a DDP model has existed, torch keeps the group alive even after it is destroyed, so
+    the threads cannot be joined either. Collecting garbage and releasing the GIL for a moment lets
+    any such pending frees finish first.
+    """
+    destroy_process_group()
+    gc.collect()
+    time.sleep(_EXIT_DRAIN_SECONDS)
 
 
 def resolve_reduce_op(op: str | _ReduceOp) -> tuple[_ReduceOp, bool]:
