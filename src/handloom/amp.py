@@ -71,7 +71,34 @@ class AmpRunner:
     def convert_output(self, data: Any) -> Any:
         """Cast floating-point outputs back to torch's default dtype, so losses run in full precision."""
         target = torch.get_default_dtype()
-        return apply_to_tensors(data, lambda t: t.to(target) if t.is_floating_point() else t)
+        if type(data) is torch.Tensor:  # the common case, without walking a collection
+            return data.to(target) if data.is_floating_point() and data.dtype != target else data
+        return apply_to_tensors(
+            data, lambda t: t.to(target) if t.is_floating_point() and t.dtype != target else t
+        )
+
+    def wrap_forward(self, call: Callable[..., Any]) -> Callable[..., Any]:
+        """Return ``call`` run under this precision: ``call`` itself for ``32-true``."""
+        policy = self.policy
+        if policy.is_default:
+            return call
+        if policy.compute_dtype is not None:
+            device_type, compute_dtype = self.device_type, policy.compute_dtype
+
+            def mixed_forward(*args: Any, **kwargs: Any) -> Any:
+                with torch.autocast(device_type, dtype=compute_dtype):
+                    output = call(*args, **kwargs)
+                return self.convert_output(output)
+
+            return mixed_forward
+
+        def true_forward(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = self.convert_input((args, kwargs))
+            with self.forward_context():
+                output = call(*args, **kwargs)
+            return self.convert_output(output)
+
+        return true_forward
 
     def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Run backward, scaling the loss first when a gradient scaler is in use."""

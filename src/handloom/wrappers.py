@@ -34,17 +34,8 @@ class _FabricModule(torch.nn.Module):
         self._original_module = original_module
         object.__setattr__(self, "_strategy", strategy)
         object.__setattr__(self, "_forward_methods", set(_AUTO_FORWARD_METHODS))
-        call: Callable[..., Any] = forward_module.__call__
-        if not strategy.amp.policy.is_default:
-            call = self._precision_forward
-        object.__setattr__(self, "_call", call)
-
-    def _precision_forward(self, *args: Any, **kwargs: Any) -> Any:
-        amp = self._strategy.amp
-        args, kwargs = amp.convert_input((args, kwargs))
-        with amp.forward_context():
-            output = self._forward_module(*args, **kwargs)
-        return amp.convert_output(output)
+        # The forward path is decided here, once: a direct call for 32-true.
+        object.__setattr__(self, "_call", strategy.amp.wrap_forward(forward_module.__call__))
 
     # Calling the wrapper skips nn.Module's hook dispatch: hooks belong on the user's own module.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
