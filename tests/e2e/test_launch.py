@@ -36,7 +36,7 @@ weights = fabric.all_gather(model.module.weight.detach())
 assert torch.equal(weights[0], weights[-1])
 # One write per line: a write of under 4 KiB to a pipe is atomic, so ranks' lines never interleave.
 sys.stdout.write(f"DONE rank={fabric.global_rank} world={fabric.world_size} node={fabric.node_rank}"
-                 f" sum={total.item()} w={model.module.weight.sum().item():.6f}\n")
+                 f" sum={total.item()} w={model.module.weight.sum().item():.6f}\\n")
 sys.stdout.flush()
 """
 
