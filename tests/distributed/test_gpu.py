@@ -1,0 +1,54 @@
+"""CUDA variants (NCCL, bf16 on tensor cores); skipped without a GPU, run where one is lent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from handloom import Fabric
+
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(180)]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed", "bf16-true"])
+def test_single_gpu_training(precision: str) -> None:
+    fabric = Fabric(accelerator="cuda", devices=1, precision=precision)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 4))
+    model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert next(model.parameters()).device.type == "cuda"
+    x, y = torch.randn(32, 64, device=fabric.device), torch.randint(0, 4, (32,), device=fabric.device)
+    losses = []
+    for _ in range(20):
+        loss = nn.functional.cross_entropy(model(x), y)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, optimizer, max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def _nccl_checks(fabric: Fabric) -> None:
+    assert fabric.strategy.backend == "nccl" and fabric.device.index == fabric.local_rank
+    torch.manual_seed(0)
+    model = nn.Linear(8, 2)
+    model = fabric.setup(model)
+    fabric.backward(model(torch.full((4, 8), float(fabric.global_rank + 1), device=fabric.device)).sum())
+    grads = fabric.all_gather(model.module.weight.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert [
+        t.tolist() for t in fabric.all_gather(torch.arange(fabric.global_rank + 1, device=fabric.device))
+    ] == [
+        [0],
+        [0, 1],
+    ]
+    assert fabric.broadcast(torch.ones(2, device=fabric.device) * fabric.global_rank, src=1).tolist() == [
+        1.0,
+        1.0,
+    ]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_ddp_over_nccl() -> None:
+    Fabric(accelerator="cuda", devices=2, strategy="ddp_spawn", precision="bf16-mixed").launch(_nccl_checks)
