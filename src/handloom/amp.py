@@ -71,11 +71,13 @@ class AmpRunner:
     def convert_output(self, data: Any) -> Any:
         """Cast floating-point outputs back to torch's default dtype, so losses run in full precision."""
         target = torch.get_default_dtype()
+
+        def cast(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.to(target) if tensor.is_floating_point() and tensor.dtype != target else tensor
+
         if type(data) is torch.Tensor:  # the common case, without walking a collection
-            return data.to(target) if data.is_floating_point() and data.dtype != target else data
-        return apply_to_tensors(
-            data, lambda t: t.to(target) if t.is_floating_point() and t.dtype != target else t
-        )
+            return cast(data)
+        return apply_to_tensors(data, cast)
 
     def wrap_forward(self, call: Callable[..., Any]) -> Callable[..., Any]:
         """Return ``call`` run under this precision: ``call`` itself for ``32-true``."""

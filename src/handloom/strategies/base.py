@@ -96,7 +96,8 @@ class Strategy:
     def amp(self) -> AmpRunner:
         """The precision realisation (autocast, casting, gradient scaler)."""
         if self._amp is None:
-            raise RuntimeError(self.runtime and "unreachable")
+            _ = self.runtime  # raises the "not running yet" error: bind() sets both together
+            raise AssertionError("bind() sets the runtime and the precision together")
         return self._amp
 
     @property
