@@ -20,4 +20,4 @@ CLI_OPTION_VARS: dict[str, str] = {
 
 ACCELERATOR_NAMES: tuple[str, ...] = ("cpu", "cuda", "gpu", "mps", "auto")
 # Strategy names `handloom run` accepts: the ones that let torchrun create the processes.
-CLI_STRATEGY_NAMES: tuple[str, ...] = ("auto", "ddp", "ddp_find_unused_parameters_true", "dp")
+CLI_STRATEGY_NAMES: tuple[str, ...] = ("auto", "ddp", "ddp_find_unused_parameters_true", "dp", "fsdp")

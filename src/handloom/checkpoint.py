@@ -1,4 +1,4 @@
-"""Single-file checkpoints for single-device and DDP training.
+"""Single-file checkpoints (single-device and DDP training, and full checkpoints of sharded models).
 
 Writes are atomic: the file is written under a temporary name in the target's directory, flushed,
 fsynced and renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
@@ -22,6 +22,30 @@ def _has_state(obj: object) -> bool:
     return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
+def check_filter(state: Mapping[str, Any], filter: object) -> None:
+    """Reject a ``filter`` that is not a mapping from keys of ``state`` to callables.
+
+    Raises:
+        TypeError: ``filter`` is not a mapping of callables.
+        ValueError: ``filter`` names a key that ``state`` lacks.
+    """
+    if filter is None:
+        return
+    if not isinstance(filter, Mapping):
+        raise TypeError(
+            f"fabric.save(filter={filter!r}) must be a dict mapping state keys to functions"
+            " `(name, value) -> bool`."
+        )
+    for key, fn in filter.items():
+        if key not in state:
+            raise ValueError(
+                f"fabric.save(filter=...) names the key {key!r}, which the state does not have."
+                f" Use one of: {sorted(state)}."
+            )
+        if not callable(fn):
+            raise TypeError(f"fabric.save(filter={{{key!r}: {fn!r}}}) must map to a function.")
+
+
 def collect_state(
     state: Mapping[str, Any], filter: Mapping[str, Callable[[str, Any], bool]] | None
 ) -> dict[str, Any]:
@@ -31,20 +55,7 @@ def collect_state(
         TypeError: ``filter`` is not a mapping of callables.
         ValueError: ``filter`` names a key that ``state`` lacks.
     """
-    if filter is not None:
-        if not isinstance(filter, Mapping):
-            raise TypeError(
-                f"fabric.save(filter={filter!r}) must be a dict mapping state keys to functions"
-                " `(name, value) -> bool`."
-            )
-        for key, fn in filter.items():
-            if key not in state:
-                raise ValueError(
-                    f"fabric.save(filter=...) names the key {key!r}, which the state does not have."
-                    f" Use one of: {sorted(state)}."
-                )
-            if not callable(fn):
-                raise TypeError(f"fabric.save(filter={{{key!r}: {fn!r}}}) must map to a function.")
+    check_filter(state, filter)
     out: dict[str, Any] = {}
     for key, value in state.items():
         obj = unwrap(value)
@@ -76,8 +87,10 @@ def write_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
         os.close(dir_fd)
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) -> dict[str, Any]:
-    """Read a checkpoint file onto the CPU.
+def read_checkpoint(
+    path: str | os.PathLike[str], *, weights_only: bool = True, mmap: bool = False
+) -> dict[str, Any]:
+    """Read a checkpoint file onto the CPU (memory-mapped with ``mmap``, so memory stays bounded).
 
     Raises:
         FileNotFoundError: No file at ``path``.
@@ -87,7 +100,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, weights_only: bool = True) 
     if not target.is_file():
         raise FileNotFoundError(f"No checkpoint file at {str(target)!r}. Check the path, or save one first.")
     try:
-        data = torch.load(target, map_location="cpu", weights_only=weights_only)
+        data = torch.load(target, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except Exception as err:
         raise RuntimeError(
             f"Could not read the checkpoint {str(target)!r}: {err}. The file may be truncated or not"

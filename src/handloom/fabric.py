@@ -18,7 +18,6 @@ from handloom import checkpoint, launcher, validation
 from handloom.apply import apply_to_tensors, move_data_to_device
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
-from handloom.init import skip_init_context
 from handloom.options import FabricOptions, Plan, resolve_plan
 from handloom.strategies.base import Runtime, Strategy
 from handloom.wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
@@ -249,8 +248,7 @@ class Fabric:
         validation.check_module(module, self._setup_objects)
         for optimizer in optimizers:
             validation.check_optimizer(optimizer, self._setup_objects)
-        wrapped = self._wrap_module(module, move_to_device)
-        wrapped_optimizers = [self._wrap_optimizer(o) for o in optimizers]
+        wrapped, wrapped_optimizers = self._wrap(module, optimizers, move_to_device)
         self.call("on_after_setup", fabric=self, module=wrapped)
         outputs: list[Any] = [wrapped, *wrapped_optimizers]
         if scheduler is not None:
@@ -261,7 +259,7 @@ class Fabric:
         """Prepare a model alone (its optimizers go through :meth:`setup_optimizers`)."""
         self._ensure_running()
         validation.check_module(module, self._setup_objects)
-        wrapped = self._wrap_module(module, move_to_device)
+        wrapped, _ = self._wrap(module, (), move_to_device)
         self.call("on_after_setup", fabric=self, module=wrapped)
         return wrapped
 
@@ -279,13 +277,20 @@ class Fabric:
         wrapped = [self._wrap_optimizer(o) for o in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
 
-    def _wrap_module(self, module: torch.nn.Module, move_to_device: bool) -> _FabricModule:
-        module = self._strategy.amp.convert_module(module)
-        if move_to_device:
-            self._strategy.module_to_device(module)
-        forward_module = self._strategy.setup_module(module)
+    def _wrap(
+        self, module: torch.nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], move_to_device: bool
+    ) -> tuple[_FabricModule, list[_FabricOptimizer]]:
+        strategy = self._strategy
+        module = strategy.amp.convert_module(module)
+        if move_to_device and not strategy.places_module_on_setup:
+            strategy.module_to_device(module)
+        result = strategy.setup_module_and_optimizers(module, optimizers)
         self._setup_objects.add(module)
-        return _FabricModule(forward_module, module, self._strategy)
+        self._setup_objects.add(result.module)
+        for optimizer in optimizers:
+            self._setup_objects.add(optimizer)
+        wrapped_optimizers = [_FabricOptimizer(o, strategy, self._callbacks) for o in result.optimizers]
+        return _FabricModule(result.forward_module, result.module, strategy), wrapped_optimizers
 
     def _wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> _FabricOptimizer:
         self._setup_objects.add(optimizer)
@@ -410,7 +415,7 @@ class Fabric:
         stack = contextlib.ExitStack()
         stack.enter_context(self.init_tensor())
         if empty_init:
-            stack.enter_context(skip_init_context())
+            stack.enter_context(self._strategy.module_init_context(empty_init=True))
         return stack
 
     # --- communication --------------------------------------------------------------------------
@@ -502,32 +507,44 @@ class Fabric:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], state: dict[str, Any], filter: Any = None) -> None:
-        """Save ``state`` (modules, optimizers, other stateful objects, plain values) to one file.
+        """Save ``state`` (modules, optimizers, other stateful objects, plain values).
 
-        Only global rank 0 writes and no collective is involved, so calling it inside
-        ``if fabric.is_global_zero:`` is fine. The write is atomic.
+        Single device and DDP: one file, written atomically by global rank 0 with no collective, so
+        calling it inside ``if fabric.is_global_zero:`` is fine. Sharded strategies: every rank must
+        call it; the default writes a directory of shards that loads on any number of processes,
+        ``state_dict_type="full"`` one file for ``torch.load``.
         """
-        payload = checkpoint.collect_state(state, filter)
-        if self.global_rank == 0:
-            checkpoint.write_atomic(path, payload)
+        self._strategy.save_checkpoint(path, state, filter, self._set_up_modules())
+
+    def _set_up_modules(self) -> list[torch.nn.Module]:
+        return [obj for obj in list(self._setup_objects) if isinstance(obj, torch.nn.Module)]
 
     def load(
         self, path: str | os.PathLike[str], state: dict[str, Any] | None = None, strict: bool = True
     ) -> Any:
         """Restore the objects in ``state`` in place; return what the checkpoint holds beyond them.
 
-        With ``state=None`` the whole checkpoint is returned.
+        With ``state=None`` the whole checkpoint is returned. Files and sharded directories load
+        under any strategy; a sharded checkpoint is resharded to this job's number of processes.
         """
-        data = checkpoint.read_checkpoint(path)
-        if state is None:
-            return data
-        return checkpoint.restore_state(state, data, strict)
+        return self._strategy.load_checkpoint(path, state, strict, self._set_up_modules())
 
     def load_raw(self, path: str | os.PathLike[str], obj: Any, strict: bool = True) -> None:
         """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
-        data = checkpoint.read_checkpoint(path)
+        data = checkpoint.read_checkpoint(path, mmap=True)
         target = obj.module if isinstance(obj, _FabricModule) else obj
-        if isinstance(target, torch.nn.Module):
+        if isinstance(target, torch.nn.Module) and _is_sharded(target):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(target, data, options=StateDictOptions(full_state_dict=True, strict=strict))
+        elif isinstance(target, torch.nn.Module):
             target.load_state_dict(data, strict=strict)
         else:
             target.load_state_dict(data)
+
+
+def _is_sharded(module: torch.nn.Module) -> bool:
+    """True when some parameter of ``module`` is a DTensor (FSDP2 or tensor parallel)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters())

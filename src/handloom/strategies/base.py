@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +18,21 @@ from handloom.precision import PrecisionPolicy
 
 if TYPE_CHECKING:
     from handloom.devices import AcceleratorName, HardwareProbe
+
+
+@dataclass(frozen=True)
+class SetupResult:
+    """What a strategy made of a model and its optimizers.
+
+    Attributes:
+        forward_module: The module that runs the forward pass (e.g. the DDP wrapper).
+        module: The user's module as it is now (sharded in place by FSDP; a compiled module unwrapped).
+        optimizers: The optimizers, pointing at the parameters ``module`` holds now.
+    """
+
+    forward_module: torch.nn.Module
+    module: torch.nn.Module
+    optimizers: list[torch.optim.Optimizer]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +68,8 @@ class Strategy:
     start_method: str | None = None
 
     def __init__(self) -> None:
+        #: True when set-up moves the model to the device itself (Fabric then does not move it first).
+        self.places_module_on_setup = False
         self._runtime: Runtime | None = None
         self._amp: AmpRunner | None = None
 
@@ -71,7 +91,11 @@ class Strategy:
                 " Create a new strategy instance for each Fabric."
             )
         self._runtime = runtime
-        self._amp = AmpRunner(runtime.precision, runtime.device.type)
+        self._amp = self._make_amp(runtime)
+
+    def _make_amp(self, runtime: Runtime) -> AmpRunner:
+        """The precision runner for this strategy (autocast and a gradient scaler by default)."""
+        return AmpRunner(runtime.precision, runtime.device.type)
 
     @property
     def runtime(self) -> Runtime:
@@ -142,6 +166,19 @@ class Strategy:
         """Prepare an optimizer; most strategies leave it alone."""
         return optimizer
 
+    def setup_module_and_optimizers(
+        self, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+    ) -> SetupResult:
+        """Set up a model together with its optimizers (``fabric.setup(model, *optimizers)``)."""
+        forward_module = self.setup_module(module)
+        return SetupResult(forward_module, module, [self.setup_optimizer(o) for o in optimizers])
+
+    def module_init_context(self, empty_init: bool) -> AbstractContextManager[Any]:
+        """The context ``fabric.init_module`` adds: with ``empty_init``, weights are left uninitialised."""
+        from handloom.init import skip_init_context
+
+        return skip_init_context() if empty_init else contextlib.nullcontext()
+
     def module_to_device(self, module: torch.nn.Module) -> None:
         """Move ``module``'s parameters and buffers to this process's device."""
         module.to(self.root_device)
@@ -162,6 +199,41 @@ class Strategy:
         return torch.nn.utils.clip_grad_norm_(
             parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
         )
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        state: Mapping[str, Any],
+        filter: Mapping[str, Callable[[str, Any], bool]] | None,
+        modules: list[torch.nn.Module],
+    ) -> None:
+        """Write ``state`` to one file from global rank 0; no collective, so rank 0 may call it alone."""
+        from handloom import checkpoint
+
+        payload = checkpoint.collect_state(state, filter)
+        if self.global_rank == 0:
+            checkpoint.write_atomic(path, payload)
+
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        state: dict[str, Any] | None,
+        strict: bool,
+        modules: list[torch.nn.Module],
+    ) -> Any:
+        """Restore ``state`` in place from a file, or from a sharded directory (resharded to this process)."""
+        from handloom import checkpoint
+        from handloom.sharding import checkpoint as sharded
+
+        if Path(path).is_dir():
+            if state is None:
+                return sharded.read_sharded(path)
+            return sharded.load_sharded(path, state, strict, candidates=modules)
+        data = checkpoint.read_checkpoint(path)
+        if state is None:
+            return data
+        return checkpoint.restore_state(state, data, strict)
 
     # --- collectives (identity for one process) --------------------------------------------------
     def barrier(self, name: str | None = None) -> None:

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from typing_extensions import override
 
 from handloom.strategies.base import Strategy
+from handloom.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
 
-if TYPE_CHECKING:
-    from handloom.devices import AcceleratorName, HardwareProbe
-
-_START_METHODS = ("popen", "spawn", "fork", "forkserver")
-DEFAULT_TIMEOUT = timedelta(minutes=30)
+__all__ = ["DEFAULT_TIMEOUT", "DDPStrategy"]
 
 
-class DDPStrategy(Strategy):
+class DDPStrategy(ParallelStrategy):
     """One process per device; gradients are averaged by ``DistributedDataParallel``.
 
     Args:
@@ -35,7 +32,6 @@ class DDPStrategy(Strategy):
     """
 
     name = "ddp"
-    is_distributed = True
 
     def __init__(
         self,
@@ -44,49 +40,8 @@ class DDPStrategy(Strategy):
         start_method: str = "popen",
         **ddp_kwargs: Any,
     ) -> None:
-        super().__init__()
-        if start_method not in _START_METHODS:
-            choices = ", ".join(repr(m) for m in _START_METHODS)
-            raise ValueError(
-                f"DDPStrategy(start_method={start_method!r}) is not a known start method."
-                f" Choose one of: {choices}."
-            )
-        if timeout is not None and not isinstance(timeout, timedelta):
-            raise TypeError(
-                f"DDPStrategy(timeout={timeout!r}) must be a datetime.timedelta,"
-                " for example timedelta(minutes=10)."
-            )
-        self.process_group_backend = process_group_backend
-        self.timeout = timeout or DEFAULT_TIMEOUT
-        self.start_method = start_method
+        super().__init__(process_group_backend, timeout, start_method)
         self.ddp_kwargs = ddp_kwargs
-
-    @override
-    def check_compatible(
-        self, *, accelerator: AcceleratorName, world_size: int, probe: HardwareProbe
-    ) -> None:
-        if accelerator == "mps" and world_size > 1:
-            raise ValueError(
-                f"Fabric(strategy={self.name!r}) cannot run several processes on Apple's MPS device."
-                " Use devices=1, or accelerator='cpu' for multi-process training."
-            )
-
-    @property
-    def backend(self) -> str:
-        """The process group backend in use."""
-        if self.process_group_backend is not None:
-            return self.process_group_backend
-        return "nccl" if self.root_device.type == "cuda" else "gloo"
-
-    @override
-    def setup_environment(self) -> None:
-        if self.root_device.type == "cuda":
-            torch.cuda.set_device(self.root_device)
-        from handloom import distributed
-
-        distributed.init_process_group(
-            self.runtime.topology, backend=self.backend, timeout=self.timeout, device=self.root_device
-        )
 
     @override
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -95,44 +50,10 @@ class DDPStrategy(Strategy):
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, **self.ddp_kwargs)
 
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> tuple[int, int] | None:
-        return self.world_size, self.global_rank
-
     @override
     def no_backward_sync(self, module: torch.nn.Module, enabled: bool) -> AbstractContextManager[Any]:
         from torch.nn.parallel import DistributedDataParallel
 
         if not enabled or not isinstance(module, DistributedDataParallel):
-            return super().no_backward_sync(module, enabled)
+            return Strategy.no_backward_sync(self, module, enabled)
         return module.no_sync()
-
-    @override
-    def barrier(self, name: str | None = None) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-
-    @override
-    def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
-        from handloom import distributed
-
-        return distributed.all_reduce(tensor.to(self.root_device), reduce_op, group)
-
-    @override
-    def all_gather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor | list[torch.Tensor]:
-        from handloom import distributed
-
-        return distributed.all_gather(tensor.to(self.root_device), group)
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        from handloom import distributed
-
-        return distributed.broadcast(obj, src, self.root_device)
-
-    @override
-    def teardown(self) -> None:
-        from handloom import distributed
-
-        distributed.destroy_process_group()

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from handloom.strategies.base import Strategy
 from handloom.strategies.ddp import DDPStrategy
 from handloom.strategies.dp import DataParallelStrategy
+from handloom.strategies.fsdp import FSDPStrategy
 from handloom.strategies.single_device import SingleDeviceStrategy
 
 _REGISTRY: dict[str, Callable[[], Strategy]] = {
@@ -17,6 +18,8 @@ _REGISTRY: dict[str, Callable[[], Strategy]] = {
     "ddp_notebook": lambda: DDPStrategy(start_method="fork"),
     "ddp_find_unused_parameters_true": lambda: DDPStrategy(start_method="popen", find_unused_parameters=True),
     "dp": DataParallelStrategy,
+    "fsdp": FSDPStrategy,
+    "fsdp_cpu_offload": lambda: FSDPStrategy(cpu_offload=True),
 }
 
 

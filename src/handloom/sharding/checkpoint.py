@@ -1,0 +1,277 @@
+"""Checkpoints of sharded models with ``torch.distributed.checkpoint`` (DCP).
+
+Two formats:
+
+* **sharded** (a directory): every rank writes its shards of model and optimizer tensors with
+  ``torch.distributed.checkpoint.save``; rank 0 adds ``meta.pt`` with everything else the state
+  holds (plain values, LR schedulers, ...) and a description of the checkpoint. DCP reshards on
+  load, so a checkpoint written by N processes loads on M, or in one process without any
+  process group.
+* **full** (one file): the full model and optimizer state, gathered to rank 0 and written as one
+  ``torch.save`` file that ``torch.load`` reads into a plain module and ``optimizer.load_state_dict``
+  into a plain optimizer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from handloom import checkpoint as single_file
+from handloom.sharding import optim as optim_keys
+from handloom.wrappers import unwrap
+
+META_FILE = "meta.pt"
+FORMAT_VERSION = 1
+
+Filter = Mapping[str, Callable[[str, Any], bool]] | None
+
+
+def _split(state: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer], dict[str, Any]]:
+    modules: dict[str, torch.nn.Module] = {}
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    rest: dict[str, Any] = {}
+    for key, value in state.items():
+        obj = unwrap(value)
+        if isinstance(obj, torch.nn.Module):
+            modules[key] = obj
+        elif isinstance(obj, torch.optim.Optimizer):
+            optimizers[key] = obj
+        else:
+            rest[key] = value
+    return modules, optimizers, rest
+
+
+def owner_of(optimizer: torch.optim.Optimizer, key: str, candidates: list[torch.nn.Module]) -> torch.nn.Module:
+    """The model whose parameters ``optimizer`` updates.
+
+    Raises:
+        ValueError: None of ``candidates`` holds the optimizer's parameters.
+    """
+    params = optim_keys.optimizer_parameters(optimizer)
+    if not params:
+        raise ValueError(f"The optimizer under {key!r} has no parameters, so there is nothing to save.")
+    wanted = id(params[0])
+    for module in candidates:
+        if any(id(p) == wanted for p in module.parameters()):
+            return module
+    raise ValueError(
+        f"The optimizer under {key!r} updates parameters of a model that was not set up with this Fabric."
+        " Set the model up with fabric.setup_module(model) and build the optimizer from its parameters."
+    )
+
+
+def _filtered(key: str, plain: Any, filter: Filter) -> Any:
+    if filter is not None and key in filter and isinstance(plain, Mapping):
+        return {name: item for name, item in plain.items() if filter[key](name, item)}
+    return plain
+
+
+def save_sharded(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    filter: Filter,
+    *,
+    candidates: list[torch.nn.Module],
+    description: dict[str, Any],
+) -> None:
+    """Write ``state`` as a DCP directory at ``path``. Every rank must call this."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    single_file.check_filter(state, filter)
+    modules, optimizers, rest = _split(state)
+    owners = {**modules}
+    tensors: dict[str, Any] = {}
+    for key, module in modules.items():
+        tensors[key] = _filtered(key, get_model_state_dict(module), filter)
+    for key, optimizer in optimizers.items():
+        owner = owner_of(optimizer, key, [*owners.values(), *candidates])
+        tensors[key] = _filtered(key, get_optimizer_state_dict(owner, optimizer), filter)
+    target = Path(path)
+    if target.is_file():
+        raise FileExistsError(
+            f"fabric.save({str(target)!r}) writes a sharded checkpoint, which is a directory, but a file"
+            " exists at that path. Choose another path or remove the file."
+        )
+    dcp.save(tensors, checkpoint_id=target)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        meta = {
+            "handloom": {**description, "format": FORMAT_VERSION, "tensor_keys": sorted(tensors)},
+            "state": single_file.collect_state(rest, filter),
+        }
+        single_file.write_atomic(target / META_FILE, meta)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_full(
+    path: str | os.PathLike[str],
+    state: Mapping[str, Any],
+    filter: Filter,
+    *,
+    candidates: list[torch.nn.Module],
+) -> None:
+    """Gather the full state to rank 0 and write it as one ``torch.save`` file. Every rank must call this."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    single_file.check_filter(state, filter)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    modules, optimizers, rest = _split(state)
+    payload: dict[str, Any] = {}
+    for key, module in modules.items():
+        payload[key] = _filtered(key, get_model_state_dict(module, options=options), filter)
+    for key, optimizer in optimizers.items():
+        owner = owner_of(optimizer, key, [*modules.values(), *candidates])
+        full = get_optimizer_state_dict(owner, optimizer, options=options)
+        if full:  # only rank 0 receives the gathered state
+            payload[key] = _filtered(key, optim_keys.to_position_keyed(full, optimizer, owner), filter)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        payload.update(single_file.collect_state(rest, filter))
+        single_file.write_atomic(path, payload)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
+    """True when ``path`` is a directory written by :func:`save_sharded`."""
+    return Path(path).is_dir()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{str(path)!r} is a directory without {META_FILE}, so it is not a complete handloom sharded"
+            " checkpoint (it may be from an interrupted save, or written by another tool). Load another"
+            " checkpoint."
+        )
+    return single_file.read_checkpoint(meta_path)
+
+
+def _check_keys(state: Mapping[str, Any], available: set[str], path: Path, strict: bool) -> None:
+    missing = [key for key in state if key not in available]
+    if strict and missing:
+        raise KeyError(
+            f"The checkpoint {str(path)!r} has no entry {missing[0]!r} (it holds {sorted(available)})."
+            " Remove the key from the state you load, or pass strict=False."
+        )
+
+
+def load_sharded(
+    path: str | os.PathLike[str],
+    state: dict[str, Any],
+    strict: bool,
+    *,
+    candidates: list[torch.nn.Module],
+) -> dict[str, Any]:
+    """Load a DCP directory into the objects of ``state`` (resharding as needed); return the rest.
+
+    Works under any strategy, and in one process without a process group.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    target = Path(path)
+    meta = _read_meta(target)
+    saved_state: dict[str, Any] = meta["state"]
+    tensor_keys = set(meta["handloom"]["tensor_keys"])
+    _check_keys(state, tensor_keys | set(saved_state), target, strict)
+    modules, optimizers, rest = _split(state)
+    wanted: dict[str, Any] = {}
+    owners: dict[str, torch.nn.Module] = {}
+    for key, module in modules.items():
+        if key in tensor_keys:
+            wanted[key] = get_model_state_dict(module)
+    for key, optimizer in optimizers.items():
+        if key in tensor_keys:
+            owners[key] = owner_of(optimizer, key, [*modules.values(), *candidates])
+            wanted[key] = get_optimizer_state_dict(owners[key], optimizer)
+    if wanted:
+        dcp.load(wanted, checkpoint_id=target, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+    for key, module in modules.items():
+        if key in wanted:
+            set_model_state_dict(module, wanted[key], options=StateDictOptions(strict=strict))
+    for key, optimizer in optimizers.items():
+        if key in wanted:
+            set_optimizer_state_dict(owners[key], optimizer, wanted[key])
+    return _restore_rest(state, rest, saved_state, strict, exclude=set(wanted))
+
+
+def _restore_rest(
+    state: dict[str, Any], rest: dict[str, Any], saved: dict[str, Any], strict: bool, exclude: set[str]
+) -> dict[str, Any]:
+    present = {key: value for key, value in rest.items() if key in saved}
+    single_file.restore_state(present, saved, strict=False)
+    for key, value in present.items():
+        state[key] = value
+    return {key: value for key, value in saved.items() if key not in state and key not in exclude}
+
+
+def load_full_into_sharded(
+    path: str | os.PathLike[str],
+    state: dict[str, Any],
+    strict: bool,
+    *,
+    candidates: list[torch.nn.Module],
+) -> dict[str, Any]:
+    """Load a one-file checkpoint (full state) into sharded modules and optimizers; return the rest."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    data = single_file.read_checkpoint(path, mmap=True)
+    _check_keys(state, set(data), Path(path), strict)
+    modules, optimizers, rest = _split(state)
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    loaded: set[str] = set()
+    for key, module in modules.items():
+        if key in data:
+            set_model_state_dict(module, data[key], options=options)
+            loaded.add(key)
+    for key, optimizer in optimizers.items():
+        if key not in data:
+            continue
+        owner = owner_of(optimizer, key, [*modules.values(), *candidates])
+        saved = data[key]
+        if not optim_keys.is_name_keyed(saved):
+            saved = optim_keys.to_name_keyed(saved, optimizer, owner)
+        set_optimizer_state_dict(owner, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        loaded.add(key)
+    return _restore_rest(state, rest, data, strict, exclude=loaded)
+
+
+def read_sharded(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a whole DCP directory into plain, full tensors on the CPU (``fabric.load(path)`` without state)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    target = Path(path)
+    meta = _read_meta(target)
+    tensors: dict[str, Any] = {}
+    _load_state_dict(
+        tensors, storage_reader=FileSystemReader(target), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+    )
+    return {**tensors, **meta["state"]}

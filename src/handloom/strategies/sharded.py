@@ -1,0 +1,192 @@
+"""What FSDP and model-parallel training share: sharded set-up, gradient sync, clipping, checkpoints."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+from typing_extensions import override
+
+from handloom.strategies.base import SetupResult
+from handloom.strategies.parallel import ParallelStrategy
+
+
+def _unwrap_compiled(module: torch.nn.Module) -> tuple[torch.nn.Module, Callable[..., Any] | None]:
+    """``(module, None)``, or ``(original, compile_context)`` for a ``torch.compile``'d module."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    if isinstance(module, OptimizedModule):
+        return module._orig_mod, module.dynamo_ctx
+    return module, None
+
+
+@contextlib.contextmanager
+def _gradient_sync_off(module: torch.nn.Module) -> Iterator[None]:
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.set_requires_gradient_sync(False, recurse=False)
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.set_requires_gradient_sync(True, recurse=False)
+
+
+class ShardedStrategy(ParallelStrategy):
+    """Base of strategies whose parameters are DTensors: FSDP2 and tensor parallelism.
+
+    Set-up rules shared by subclasses:
+
+    * ``fabric.setup(model, optimizer)`` shards the model and re-points the optimizer, which must
+      not have stepped yet, at the shards.
+    * ``fabric.setup_optimizers(optimizer)`` after ``fabric.setup_module(model)`` needs an optimizer
+      built from the sharded model's parameters; one built before is an error showing the order.
+    * ``fabric.init_module(empty_init=True)`` builds on the meta device; set-up then allocates and
+      initialises only each rank's shards.
+    """
+
+    def __init__(
+        self,
+        state_dict_type: str,
+        process_group_backend: str | None,
+        timeout: Any,
+        start_method: str,
+    ) -> None:
+        super().__init__(process_group_backend, timeout, start_method)
+        self.state_dict_type = state_dict_type
+        # Sharding places parameters itself (fully_shard moves each unit as it shards it).
+        self.places_module_on_setup = True
+        # id -> (weak reference, path) of parameters that sharding replaced; see setup_optimizer.
+        self._replaced: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
+
+    # --- subclasses implement -------------------------------------------------------------------
+    def _shard(self, module: torch.nn.Module, compiler: Callable[..., Any] | None) -> torch.nn.Module:
+        """Shard ``module`` (in place where the machinery allows) and return it."""
+        raise NotImplementedError
+
+    # --- set-up ---------------------------------------------------------------------------------
+    @override
+    def module_init_context(self, empty_init: bool) -> AbstractContextManager[Any]:
+        return torch.device("meta") if empty_init else contextlib.nullcontext()
+
+    @override
+    def module_to_device(self, module: torch.nn.Module) -> None:
+        from handloom.sharding.materialize import has_meta_tensors
+
+        if not has_meta_tensors(module):
+            module.to(self.root_device)
+
+    @override
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        return self.setup_module_and_optimizers(module, ()).module
+
+    @override
+    def setup_module_and_optimizers(
+        self, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]
+    ) -> SetupResult:
+        from handloom.sharding.materialize import has_meta_tensors, materialize
+        from handloom.sharding.optim import parameter_names, repoint_optimizer
+
+        original, compiler = _unwrap_compiled(module)
+        names = parameter_names(original)
+        before = {name: param for name, param in original.named_parameters()}
+        sharded = self._shard(original, compiler)
+        if not isinstance(sharded, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__}: sharding returned {type(sharded).__name__}, not a torch.nn.Module."
+            )
+        if has_meta_tensors(sharded):
+            without_reset = materialize(sharded, self.root_device)
+            if without_reset:
+                warnings.warn(
+                    f"These submodules were built on the meta device (fabric.init_module(empty_init=True)) and have"
+                    f" no reset_parameters(), so their weights are uninitialised: {', '.join(without_reset)}."
+                    " Load a checkpoint into the model, or give those modules a reset_parameters method.",
+                    stacklevel=4,
+                )
+        after = dict(sharded.named_parameters())
+        for name, param in before.items():
+            if after.get(name) is not param:
+                self._replaced[id(param)] = (weakref.ref(param), name)
+        for optimizer in optimizers:
+            repoint_optimizer(optimizer, names, sharded, type(self).__name__)
+        return SetupResult(sharded, sharded, [self.setup_optimizer(o) for o in optimizers])
+
+    @override
+    def setup_optimizer(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                entry = self._replaced.get(id(param))
+                if entry is not None and entry[0]() is param:
+                    raise RuntimeError(
+                        f"The {type(optimizer).__name__} was created before its model was sharded: it holds the"
+                        f" unsharded parameter {entry[1]!r}, which {type(self).__name__} replaced. Create the"
+                        " optimizer after setting up the model:\n"
+                        "    model = fabric.setup_module(model)\n"
+                        "    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))\n"
+                        "or set both up together with fabric.setup(model, optimizer)."
+                    )
+        return optimizer
+
+    # --- the training step ----------------------------------------------------------------------
+    @override
+    def no_backward_sync(self, module: torch.nn.Module, enabled: bool) -> AbstractContextManager[Any]:
+        if not enabled:
+            return contextlib.nullcontext()
+        return _gradient_sync_off(module)
+
+    @override
+    def clip_grad_norm(
+        self, parameters: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
+    ) -> torch.Tensor:
+        from handloom.sharding.grads import clip_grad_norm
+
+        return clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite)
+
+    # --- checkpoints ----------------------------------------------------------------------------
+    def _description(self) -> dict[str, Any]:
+        from handloom._version import __version__
+
+        return {
+            "handloom_version": __version__,
+            "world_size": self.world_size,
+            "strategy": type(self).__name__,
+            "precision": self.runtime.precision.name,
+        }
+
+    @override
+    def save_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        state: Mapping[str, Any],
+        filter: Mapping[str, Callable[[str, Any], bool]] | None,
+        modules: list[torch.nn.Module],
+    ) -> None:
+        from handloom.sharding import checkpoint as sharded
+
+        if self.state_dict_type == "full":
+            sharded.save_full(path, state, filter, candidates=modules)
+        else:
+            sharded.save_sharded(path, state, filter, candidates=modules, description=self._description())
+
+    @override
+    def load_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        state: dict[str, Any] | None,
+        strict: bool,
+        modules: list[torch.nn.Module],
+    ) -> Any:
+        from handloom.sharding import checkpoint as sharded
+
+        if state is None or sharded.is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, state, strict, modules)
+        return sharded.load_full_into_sharded(path, state, strict, candidates=modules)
