@@ -57,7 +57,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each process holds n_heads / tp of them.
-        q, k, v = (w(x).view(batch, seq, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (
+            w(x).view(batch, seq, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv)
+        )
         out = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
@@ -133,9 +135,13 @@ def make_dataset(num_samples: int, config: Config, seed: int = 0) -> TensorDatas
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per data-parallel group and step")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="sequences per data-parallel group and step"
+    )
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-parallel", default="auto", help="size of the data-parallel axis")
@@ -152,9 +158,15 @@ def _size(value: str) -> int | str:
 
 def build_fabric(args: argparse.Namespace) -> Fabric:
     strategy = ModelParallelStrategy(
-        parallelize, data_parallel_size=_size(args.data_parallel), tensor_parallel_size=_size(args.tensor_parallel)
+        parallelize,
+        data_parallel_size=_size(args.data_parallel),
+        tensor_parallel_size=_size(args.tensor_parallel),
     )
-    options: dict[str, Any] = {"accelerator": args.accelerator, "devices": args.devices, "precision": args.precision}
+    options: dict[str, Any] = {
+        "accelerator": args.accelerator,
+        "devices": args.devices,
+        "precision": args.precision,
+    }
     if os.environ.get("HANDLOOM_CLI_USED") != "1":
         options = {"accelerator": "cpu", "devices": 2, **{k: v for k, v in options.items() if v is not None}}
     return Fabric(strategy=strategy, **{k: v for k, v in options.items() if v is not None})

@@ -39,7 +39,10 @@ def _model() -> nn.Module:
 
 def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(7)
-    return [(torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randn(GLOBAL_BATCH, 3, generator=gen)) for _ in range(STEPS)]
+    return [
+        (torch.randn(GLOBAL_BATCH, 6, generator=gen), torch.randn(GLOBAL_BATCH, 3, generator=gen))
+        for _ in range(STEPS)
+    ]
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -52,7 +55,10 @@ def _train(fabric: Fabric) -> dict[str, Any]:
     model, optimizer = fabric.setup(model, optimizer)
     losses = []
     for x, y in _batches():
-        xs, ys = x.chunk(fabric.world_size)[fabric.global_rank], y.chunk(fabric.world_size)[fabric.global_rank]
+        xs, ys = (
+            x.chunk(fabric.world_size)[fabric.global_rank],
+            y.chunk(fabric.world_size)[fabric.global_rank],
+        )
         loss = nn.functional.mse_loss(model(xs), ys)
         fabric.backward(loss)
         optimizer.step()
@@ -87,7 +93,9 @@ def _plain_reference() -> dict[str, Any]:
         pytest.param(lambda: FSDPStrategy(sharding_strategy="SHARD_GRAD_OP"), 2, 2, id="SHARD_GRAD_OP"),
         pytest.param(lambda: FSDPStrategy(sharding_strategy="NO_SHARD"), 2, 1, id="NO_SHARD"),
         pytest.param(
-            lambda: FSDPStrategy(sharding_strategy="HYBRID_SHARD", device_mesh=(2, 2), auto_wrap_policy={nn.Linear}),
+            lambda: FSDPStrategy(
+                sharding_strategy="HYBRID_SHARD", device_mesh=(2, 2), auto_wrap_policy={nn.Linear}
+            ),
             4,
             2,
             id="HYBRID_SHARD-2x2",
@@ -190,9 +198,10 @@ def _gan_and_setup_order(fabric: Fabric) -> dict[str, Any]:
     discriminator, opt_d = fabric.setup(discriminator, opt_d)
     for _ in range(3):
         fake = generator(torch.randn(4, 4))
-        d_loss = nn.functional.softplus(discriminator(fake.detach())).mean() + nn.functional.softplus(
-            -discriminator(torch.randn(4, 8))
-        ).mean()
+        d_loss = (
+            nn.functional.softplus(discriminator(fake.detach())).mean()
+            + nn.functional.softplus(-discriminator(torch.randn(4, 8))).mean()
+        )
         fabric.backward(d_loss)
         opt_d.step()
         opt_d.zero_grad()
@@ -222,7 +231,9 @@ def _gan_and_setup_order(fabric: Fabric) -> dict[str, Any]:
         messages["stepped"] = str(err)
     return {
         "finite": bool(torch.isfinite(g_loss).item() and torch.isfinite(d_loss).item()),
-        "opt_points_at_shards": all(isinstance(p, DTensor) for group in opt_g.param_groups for p in group["params"]),
+        "opt_points_at_shards": all(
+            isinstance(p, DTensor) for group in opt_g.param_groups for p in group["params"]
+        ),
         "state_on_shards": all(isinstance(s["exp_avg"], DTensor) for s in opt_d.state.values()),
         "messages": messages,
     }
@@ -288,7 +299,13 @@ def _sync_and_clip(fabric: Fabric) -> dict[str, Any]:
         nonfinite = ""
     except RuntimeError as err:
         nonfinite = str(err)
-    return {"grads": grads, "norm": float(norm), "clipped": clipped, "nonfinite": nonfinite, "quiet": no_grad_during_accumulation}
+    return {
+        "grads": grads,
+        "norm": float(norm),
+        "clipped": clipped,
+        "nonfinite": nonfinite,
+        "quiet": no_grad_during_accumulation,
+    }
 
 
 def test_no_backward_sync_accumulates_and_clipping_uses_the_global_norm() -> None:

@@ -25,7 +25,7 @@ def apply_activation_checkpointing(module: torch.nn.Module, policy: ModulePolicy
     Returns:
         The modules that will be checkpointed.
     """
-    from torch.distributed._composable import checkpoint
+    from torch.distributed._composable.checkpoint_activation import checkpoint
 
     chosen = select_modules(module, policy, include_root=False)
     for block in chosen:

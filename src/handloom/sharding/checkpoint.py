@@ -15,6 +15,7 @@ Two formats:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,9 @@ FORMAT_VERSION = 1
 Filter = Mapping[str, Callable[[str, Any], bool]] | None
 
 
-def _split(state: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer], dict[str, Any]]:
+def _split(
+    state: Mapping[str, Any],
+) -> tuple[dict[str, torch.nn.Module], dict[str, torch.optim.Optimizer], dict[str, Any]]:
     modules: dict[str, torch.nn.Module] = {}
     optimizers: dict[str, torch.optim.Optimizer] = {}
     rest: dict[str, Any] = {}
@@ -46,7 +49,9 @@ def _split(state: Mapping[str, Any]) -> tuple[dict[str, torch.nn.Module], dict[s
     return modules, optimizers, rest
 
 
-def owner_of(optimizer: torch.optim.Optimizer, key: str, candidates: list[torch.nn.Module]) -> torch.nn.Module:
+def owner_of(
+    optimizer: torch.optim.Optimizer, key: str, candidates: list[torch.nn.Module]
+) -> torch.nn.Module:
     """The model whose parameters ``optimizer`` updates.
 
     Raises:
@@ -81,8 +86,8 @@ def save_sharded(
 ) -> None:
     """Write ``state`` as a DCP directory at ``path``. Every rank must call this."""
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save
 
     single_file.check_filter(state, filter)
     modules, optimizers, rest = _split(state)
@@ -99,7 +104,7 @@ def save_sharded(
             f"fabric.save({str(target)!r}) writes a sharded checkpoint, which is a directory, but a file"
             " exists at that path. Choose another path or remove the file."
         )
-    dcp.save(tensors, checkpoint_id=target)
+    save(tensors, checkpoint_id=target)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         meta = {
@@ -181,8 +186,7 @@ def load_sharded(
 
     Works under any strategy, and in one process without a process group.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -190,6 +194,7 @@ def load_sharded(
         set_model_state_dict,
         set_optimizer_state_dict,
     )
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     target = Path(path)
     meta = _read_meta(target)
@@ -207,7 +212,10 @@ def load_sharded(
             owners[key] = owner_of(optimizer, key, [*modules.values(), *candidates])
             wanted[key] = get_optimizer_state_dict(owners[key], optimizer)
     if wanted:
-        dcp.load(wanted, checkpoint_id=target, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+        with warnings.catch_warnings():
+            # Loading in one process without a process group is intended here, not a mistake.
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            load(wanted, checkpoint_id=target, planner=DefaultLoadPlanner(allow_partial_load=not strict))
     for key, module in modules.items():
         if key in wanted:
             set_model_state_dict(module, wanted[key], options=StateDictOptions(strict=strict))
@@ -263,15 +271,20 @@ def load_full_into_sharded(
 
 
 def read_sharded(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a whole DCP directory into plain, full tensors on the CPU (``fabric.load(path)`` without state)."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    """Read a whole DCP directory into plain, full CPU tensors (``fabric.load(path)`` without state)."""
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import (  # type: ignore[attr-defined]
+        _EmptyStateDictLoadPlanner,
+    )
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     target = Path(path)
     meta = _read_meta(target)
     tensors: dict[str, Any] = {}
     _load_state_dict(
-        tensors, storage_reader=FileSystemReader(target), planner=_EmptyStateDictLoadPlanner(), no_dist=True
+        tensors,
+        storage_reader=FileSystemReader(target),
+        planner=_EmptyStateDictLoadPlanner(),  # type: ignore[no-untyped-call]
+        no_dist=True,
     )
     return {**tensors, **meta["state"]}

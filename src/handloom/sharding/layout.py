@@ -43,7 +43,9 @@ def resolve_sharding_strategy(value: object) -> str:
     if isinstance(name, str) and name.upper() in SHARDING_STRATEGIES:
         return name.upper()
     choices = ", ".join(repr(s) for s in SHARDING_STRATEGIES if not s.startswith("_"))
-    raise ValueError(f"FSDPStrategy(sharding_strategy={value!r}) is not a sharding strategy. Choose one of: {choices}.")
+    raise ValueError(
+        f"FSDPStrategy(sharding_strategy={value!r}) is not a sharding strategy. Choose one of: {choices}."
+    )
 
 
 def resolve_state_dict_type(value: object) -> str:
@@ -64,9 +66,12 @@ def check_mesh_shape(device_mesh: object) -> tuple[int, int] | None:
     """
     if device_mesh is None or not isinstance(device_mesh, (tuple, list)):
         return None
-    if len(device_mesh) != 2 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in device_mesh):
+    if len(device_mesh) != 2 or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in device_mesh
+    ):
         raise ValueError(
-            f"FSDPStrategy(device_mesh={device_mesh!r}) must be a (replicate, shard) pair of positive integers,"
+            f"FSDPStrategy(device_mesh={device_mesh!r}) must be a (replicate, shard) pair of positive"
+            " integers,"
             " for example (2, 4) for 2 groups of 4 processes, or a torch DeviceMesh."
         )
     return int(device_mesh[0]), int(device_mesh[1])
@@ -88,7 +93,8 @@ def resolve_layout(
     if mesh_shape is not None:
         if mesh_shape[0] * mesh_shape[1] != world_size:
             raise ValueError(
-                f"FSDPStrategy(device_mesh={mesh_shape!r}) describes {mesh_shape[0] * mesh_shape[1]} processes,"
+                f"FSDPStrategy(device_mesh={mesh_shape!r}) describes"
+                f" {mesh_shape[0] * mesh_shape[1]} processes,"
                 f" but the job has {world_size}. Make replicate x shard equal the number of processes."
             )
         if sharding_strategy == "NO_SHARD":

@@ -58,7 +58,7 @@ def _reset_subtree(root: torch.nn.Module, device: torch.device) -> None:
         with torch.no_grad():
             root.reset_parameters()  # type: ignore[operator]
     finally:
-        for module, slot, name, real, full in swapped:
+        for module, slot, name, real, _ in swapped:
             getattr(module, slot)[name] = real
     for _, _, _, real, full in swapped:
         _keep_local_slice(real, full)

@@ -25,7 +25,7 @@ def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]
 def repoint_optimizer(
     optimizer: torch.optim.Optimizer, names_before: dict[int, str], module: torch.nn.Module, owner: str
 ) -> None:
-    """Replace the parameters ``optimizer`` holds by the parameters of the sharded ``module`` with the same name.
+    """Replace each parameter ``optimizer`` holds by the sharded ``module``'s parameter of the same name.
 
     The lists in ``param_groups`` are changed in place, so optimizers that keep a reference to them
     (LBFGS) see the new parameters.
@@ -55,8 +55,10 @@ def repoint_optimizer(
             params[index] = current[path]
 
 
-def to_name_keyed(state: dict[str, Any], optimizer: torch.optim.Optimizer, module: torch.nn.Module) -> dict[str, Any]:
-    """Convert a position-keyed optimizer state dict to the path-keyed form of ``torch.distributed.checkpoint``."""
+def to_name_keyed(
+    state: dict[str, Any], optimizer: torch.optim.Optimizer, module: torch.nn.Module
+) -> dict[str, Any]:
+    """Convert a position-keyed optimizer state dict to the path-keyed form DCP uses."""
     names = parameter_names(module)
     order = [names[id(p)] for p in optimizer_parameters(optimizer)]
     groups = []

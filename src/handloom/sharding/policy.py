@@ -81,7 +81,9 @@ def resolve_module_policy(value: object, *, owner: str, option: str) -> ModulePo
     )
 
 
-def select_modules(root: torch.nn.Module, policy: ModulePolicy, *, include_root: bool) -> list[torch.nn.Module]:
+def select_modules(
+    root: torch.nn.Module, policy: ModulePolicy, *, include_root: bool
+) -> list[torch.nn.Module]:
     """The modules of ``root`` that ``policy`` picks, children before parents (the order to shard in).
 
     ``nonwrapped_numel`` for FSDP1-style callables counts the parameters of a module that no picked

@@ -93,17 +93,22 @@ class FSDPStrategy(ShardedStrategy):
             layouts.resolve_state_dict_type(state_dict_type), process_group_backend, timeout, start_method
         )
         owner = type(self).__name__
-        self.auto_wrap_policy = resolve_module_policy(auto_wrap_policy, owner=owner, option="auto_wrap_policy")
+        self.auto_wrap_policy = resolve_module_policy(
+            auto_wrap_policy, owner=owner, option="auto_wrap_policy"
+        )
         self.activation_checkpointing_policy = resolve_module_policy(
             activation_checkpointing_policy, owner=owner, option="activation_checkpointing_policy"
         )
         self.sharding_strategy = layouts.resolve_sharding_strategy(sharding_strategy)
         self._mesh_shape = layouts.check_mesh_shape(device_mesh)
-        self._given_mesh = None if self._mesh_shape is not None else device_mesh
-        if self._given_mesh is not None and not _is_device_mesh(self._given_mesh):
-            raise TypeError(
-                f"FSDPStrategy(device_mesh={device_mesh!r}) must be a (replicate, shard) pair or a torch DeviceMesh."
-            )
+        self._given_mesh: DeviceMesh | None = None
+        if self._mesh_shape is None and device_mesh is not None:
+            if not _is_device_mesh(device_mesh):
+                raise TypeError(
+                    f"FSDPStrategy(device_mesh={device_mesh!r}) must be a (replicate, shard) pair or a"
+                    " torch DeviceMesh."
+                )
+            self._given_mesh = device_mesh  # type: ignore[assignment]
         if mixed_precision is not None and not _is_mp_policy(mixed_precision):
             raise TypeError(
                 f"FSDPStrategy(mixed_precision={mixed_precision!r}) must be a"
@@ -136,7 +141,9 @@ class FSDPStrategy(ShardedStrategy):
     @property
     def layout(self) -> layouts.ShardingLayout:
         """The mesh shape and resharding behaviour this strategy uses."""
-        return layouts.resolve_layout(self.sharding_strategy, self._mesh_shape, self.world_size, self.runtime.num_nodes)
+        return layouts.resolve_layout(
+            self.sharding_strategy, self._mesh_shape, self.world_size, self.runtime.num_nodes
+        )
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -188,7 +195,9 @@ class FSDPStrategy(ShardedStrategy):
             from handloom.sharding.policy import select_modules
 
             blocks = (
-                select_modules(module, self.auto_wrap_policy, include_root=False) if self.auto_wrap_policy else []
+                select_modules(module, self.auto_wrap_policy, include_root=False)
+                if self.auto_wrap_policy
+                else []
             )
             compile_blocks(blocks or [module], compiler)
         shard_model(module, self.auto_wrap_policy, kwargs)

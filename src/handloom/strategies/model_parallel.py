@@ -25,9 +25,7 @@ def _check_size(value: object, option: str) -> int | None:
     if value == "auto":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"ModelParallelStrategy({option}={value!r}) must be a positive integer or 'auto'."
-        )
+        raise ValueError(f"ModelParallelStrategy({option}={value!r}) must be a positive integer or 'auto'.")
     return value
 
 
@@ -157,8 +155,9 @@ class ModelParallelStrategy(ShardedStrategy):
             )
         result = self.parallelize_fn(module, self.device_mesh)
         if not isinstance(result, torch.nn.Module):
+            fn_name = getattr(self.parallelize_fn, "__name__", self.parallelize_fn)
             raise TypeError(
-                f"ModelParallelStrategy(parallelize_fn={getattr(self.parallelize_fn, '__name__', self.parallelize_fn)!r})"
+                f"ModelParallelStrategy(parallelize_fn={fn_name!r})"
                 f" returned {type(result).__name__} ({result!r:.60}), not a torch.nn.Module. Return the model"
                 " from parallelize_fn."
             )

@@ -40,11 +40,13 @@ class ParallelStrategy(Strategy):
         if start_method not in START_METHODS:
             choices = ", ".join(repr(m) for m in START_METHODS)
             raise ValueError(
-                f"{owner}(start_method={start_method!r}) is not a known start method. Choose one of: {choices}."
+                f"{owner}(start_method={start_method!r}) is not a known start method."
+                f" Choose one of: {choices}."
             )
         if timeout is not None and not isinstance(timeout, timedelta):
             raise TypeError(
-                f"{owner}(timeout={timeout!r}) must be a datetime.timedelta, for example timedelta(minutes=10)."
+                f"{owner}(timeout={timeout!r}) must be a datetime.timedelta,"
+                " for example timedelta(minutes=10)."
             )
         self.process_group_backend = process_group_backend
         self.timeout = timeout or DEFAULT_TIMEOUT

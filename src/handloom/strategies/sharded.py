@@ -107,8 +107,9 @@ class ShardedStrategy(ParallelStrategy):
             without_reset = materialize(sharded, self.root_device)
             if without_reset:
                 warnings.warn(
-                    f"These submodules were built on the meta device (fabric.init_module(empty_init=True)) and have"
-                    f" no reset_parameters(), so their weights are uninitialised: {', '.join(without_reset)}."
+                    "These submodules were built on the meta device (fabric.init_module(empty_init=True))"
+                    " and have no reset_parameters(), so their weights are uninitialised:"
+                    f" {', '.join(without_reset)}."
                     " Load a checkpoint into the model, or give those modules a reset_parameters method.",
                     stacklevel=4,
                 )
@@ -127,9 +128,9 @@ class ShardedStrategy(ParallelStrategy):
                 entry = self._replaced.get(id(param))
                 if entry is not None and entry[0]() is param:
                     raise RuntimeError(
-                        f"The {type(optimizer).__name__} was created before its model was sharded: it holds the"
-                        f" unsharded parameter {entry[1]!r}, which {type(self).__name__} replaced. Create the"
-                        " optimizer after setting up the model:\n"
+                        f"The {type(optimizer).__name__} was created before its model was sharded: it holds"
+                        f" the unsharded parameter {entry[1]!r}, which {type(self).__name__} replaced."
+                        " Create the optimizer after setting up the model:\n"
                         "    model = fabric.setup_module(model)\n"
                         "    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))\n"
                         "or set both up together with fabric.setup(model, optimizer)."
