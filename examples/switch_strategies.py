@@ -7,6 +7,8 @@ changes with ``--strategy``:
 * ``ddp``: the script is started again once per device; ``launch(train)`` runs ``train`` in each.
 * ``ddp_spawn`` / ``ddp_fork``: ``launch(train)`` starts ``train`` in new processes and returns
   rank 0's result to this process.
+* ``fsdp``: like ``ddp``, but each process holds only a shard of the parameters, gradients and
+  optimizer state (FSDP2); the numbers are the same.
 
 ``--global-batch-size`` is split across the processes and the data is read in a fixed order
 (shuffled once when it is made), so every strategy takes the same optimizer steps on the same
@@ -17,6 +19,7 @@ Run it either way::
     python examples/switch_strategies.py --strategy single
     python examples/switch_strategies.py --strategy ddp_spawn --devices 2
     handloom run --accelerator cpu --devices 2 --strategy ddp examples/switch_strategies.py
+    handloom run --accelerator cpu --devices 2 --strategy fsdp examples/switch_strategies.py
 
 The last line printed is machine readable: ``FINAL {"loss": ..., ...}``.
 """
@@ -34,7 +37,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
 
-STRATEGIES = ("single", "ddp", "ddp_spawn", "ddp_fork")
+STRATEGIES = ("single", "ddp", "ddp_spawn", "ddp_fork", "fsdp")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -29,7 +29,8 @@ class Fabric:
     Args:
         accelerator: ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"`` or ``"auto"``.
         strategy: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``,
-            ``"ddp_find_unused_parameters_true"``, ``"dp"``, or a strategy instance.
+            ``"ddp_find_unused_parameters_true"``, ``"dp"``, ``"fsdp"``, ``"fsdp_cpu_offload"``, or a
+            strategy instance (``DDPStrategy``, ``FSDPStrategy``, ``ModelParallelStrategy``, ...).
         devices: Devices per node: an int (``-1`` for all), a list of indices, a string such as
             ``"2"`` or ``"0,1"``, or ``"auto"``.
         num_nodes: Number of machines.

@@ -354,3 +354,30 @@ def test_precisions_under_fsdp(precision: str) -> None:
     assert result["out_dtype"] == "torch.float32"
     assert result["param_dtype"] == ("torch.bfloat16" if precision == "bf16-true" else "torch.float32")
     assert (result["scale"] is not None) == (precision == "16-mixed")
+
+
+def _compiled(fabric: Fabric) -> dict[str, Any]:
+    compiled = torch.compile(_model(), backend="aot_eager")
+    optimizer = torch.optim.AdamW(compiled.parameters(), lr=1e-2, weight_decay=0.1)
+    model, optimizer = fabric.setup(compiled, optimizer)
+    blocks = [m for m in model.module.modules() if isinstance(m, nn.Linear)]
+    losses = []
+    for x, y in _batches():
+        xs, ys = x.chunk(2)[fabric.global_rank], y.chunk(2)[fabric.global_rank]
+        loss = nn.functional.mse_loss(model(xs), ys)
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(fabric.all_reduce(loss.detach()).item())
+    return {
+        "losses": losses,
+        "compiled_blocks": all(getattr(b, "_compiled_call_impl", None) is not None for b in blocks),
+        "keys": list(model.state_dict()),
+    }
+
+
+def test_a_compiled_model_is_compiled_per_block_before_sharding() -> None:
+    result = _fabric(FSDPStrategy(auto_wrap_policy={nn.Linear})).launch(_compiled)
+    assert result["compiled_blocks"]
+    assert result["keys"] == list(_model().state_dict())  # no "_orig_mod." prefix
+    torch.testing.assert_close(result["losses"], _plain_reference()["losses"], rtol=1e-5, atol=1e-6)

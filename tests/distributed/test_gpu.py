@@ -52,3 +52,63 @@ def _nccl_checks(fabric: Fabric) -> None:
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_ddp_over_nccl() -> None:
     Fabric(accelerator="cuda", devices=2, strategy="ddp_spawn", precision="bf16-mixed").launch(_nccl_checks)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(256)
+        self.mlp = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.mlp(self.norm(x))
+
+
+def _fsdp_gpu_train(fabric: Fabric) -> list[float]:
+    from torch.distributed.tensor import DTensor
+
+    with fabric.init_module(empty_init=True):
+        model = nn.Sequential(*(_Block() for _ in range(4)), nn.Linear(256, 8))
+    model = fabric.setup_module(model)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert all(isinstance(p, DTensor) and p.device.type == "cuda" for p in model.parameters())
+    gen = torch.Generator(device=fabric.device).manual_seed(fabric.global_rank)
+    x = torch.randn(16, 32, 256, device=fabric.device, generator=gen)
+    y = torch.randint(0, 8, (16 * 32,), device=fabric.device, generator=gen)
+    losses = []
+    for _ in range(20):
+        out = model(x)
+        assert out.dtype == torch.float32
+        loss = nn.functional.cross_entropy(out.flatten(0, 1), y)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, optimizer, max_norm=1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(fabric.all_reduce(loss.detach()).item())
+    return losses
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_fsdp_on_one_gpu(precision: str) -> None:
+    from handloom.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy(auto_wrap_policy={_Block}, activation_checkpointing_policy={_Block})
+    fabric = Fabric(accelerator="cuda", devices=1, strategy=strategy, precision=precision)
+    fabric.launch()
+    try:
+        assert fabric.strategy.backend == "nccl"  # type: ignore[attr-defined]
+        losses = _fsdp_gpu_train(fabric)
+    finally:
+        fabric.strategy.teardown()
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fsdp_over_nccl() -> None:
+    from handloom.strategies import FSDPStrategy
+
+    strategy = FSDPStrategy(auto_wrap_policy={_Block}, start_method="spawn")
+    losses = Fabric(accelerator="cuda", devices=2, strategy=strategy, precision="bf16-mixed").launch(
+        _fsdp_gpu_train
+    )
+    assert losses[-1] < losses[0]

@@ -197,3 +197,25 @@ def test_switch_strategies_gives_the_same_model() -> None:
     assert spawned["loss"] == pytest.approx(single["loss"], rel=1e-4)
     assert spawned["accuracy"] == single["accuracy"]
     assert single["accuracy"] > 0.9
+
+    # FSDP under `handloom run`: the same loop on sharded parameters gives the same model.
+    sharded = run_example(
+        "-m", "handloom", "run", "--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp",
+        EXAMPLES / "switch_strategies.py",
+    )  # fmt: skip
+    assert (sharded["strategy"], sharded["world_size"]) == ("fsdp", 2)
+    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-4)
+    assert sharded["accuracy"] == single["accuracy"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--devices", "2"], ["--devices", "4", "--data-parallel", "2", "--tensor-parallel", "2"]],
+    ids=["tp2", "dp2xtp2"],
+)
+def test_tensor_parallel_example_learns(args: list[str]) -> None:
+    final = run_example(EXAMPLES / "tensor_parallel.py", "--steps", "20", *args)
+    assert final["world_size"] == int(args[1])
+    assert final["data_parallel"] * final["tensor_parallel"] == final["world_size"]
+    assert final["first_loss"] > 0.9 * final["initial_loss_bound"]  # starts near chance
+    assert final["last_loss"] < 0.5 * final["first_loss"]
