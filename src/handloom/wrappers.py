@@ -36,6 +36,9 @@ class _FabricModule(torch.nn.Module):
         object.__setattr__(self, "_forward_methods", set(_AUTO_FORWARD_METHODS))
         # The forward path is decided here, once: a direct call for 32-true.
         object.__setattr__(self, "_call", strategy.amp.wrap_forward(forward_module.__call__))
+        for name in _AUTO_FORWARD_METHODS:
+            if callable(getattr(original_module, name, None)):
+                strategy.register_forward_method(forward_module, name)
 
     # Calling the wrapper skips nn.Module's hook dispatch: hooks belong on the user's own module.
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -74,6 +77,7 @@ class _FabricModule(torch.nn.Module):
                 f" method {name!r}."
             )
         self._forward_methods.add(name)
+        self._strategy.register_forward_method(self._forward_module, name)
 
     def _redirected(self, name: str) -> Callable[..., Any]:
         original = self._original_module

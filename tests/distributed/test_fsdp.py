@@ -209,6 +209,20 @@ def _gan_and_setup_order(fabric: Fabric) -> dict[str, Any]:
         fabric.backward(g_loss)
         opt_g.step()
         opt_g.zero_grad()
+    # Teacher/student: a frozen teacher set up without an optimizer guides the student.
+    teacher = fabric.setup_module(nn.Linear(8, 8).requires_grad_(False))
+    student_net = nn.Linear(8, 8)
+    student_net, opt_s = fabric.setup(student_net, torch.optim.SGD(student_net.parameters(), lr=0.5))
+    inputs = torch.randn(16, 8, generator=torch.Generator().manual_seed(fabric.global_rank))
+    distill = []
+    for _ in range(5):
+        with torch.no_grad():
+            target = teacher(inputs)
+        loss = nn.functional.mse_loss(student_net(inputs), target)
+        fabric.backward(loss)
+        opt_s.step()
+        opt_s.zero_grad()
+        distill.append(fabric.all_reduce(loss.detach()).item())
     messages = {}
     # Wrong order: the optimizer was built from the parameters before sharding replaced them.
     student = nn.Linear(8, 8)
@@ -236,15 +250,17 @@ def _gan_and_setup_order(fabric: Fabric) -> dict[str, Any]:
         ),
         "state_on_shards": all(isinstance(s["exp_avg"], DTensor) for s in opt_d.state.values()),
         "messages": messages,
+        "distill": distill,
     }
 
 
-def test_gan_and_the_setup_order() -> None:
+def test_gan_teacher_student_and_the_setup_order() -> None:
     result = _fabric(FSDPStrategy()).launch(_gan_and_setup_order)
     assert result["finite"] and result["opt_points_at_shards"] and result["state_on_shards"]
     early = result["messages"]["early"]
     assert "SGD" in early and "'weight'" in early and "fabric.setup_module(model)" in early
     assert "taken steps" in result["messages"]["stepped"]
+    assert result["distill"][-1] < result["distill"][0]
 
 
 def _meta_init(fabric: Fabric) -> dict[str, Any]:
@@ -381,3 +397,29 @@ def test_a_compiled_model_is_compiled_per_block_before_sharding() -> None:
     assert result["compiled_blocks"]
     assert result["keys"] == list(_model().state_dict())  # no "_orig_mod." prefix
     torch.testing.assert_close(result["losses"], _plain_reference()["losses"], rtol=1e-5, atol=1e-6)
+
+
+class _WithGenerate(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def generate(self, x: torch.Tensor) -> torch.Tensor:  # calls submodules directly, not forward
+        return self.head(torch.relu(self.body(x))).argmax(-1)
+
+
+def _generate(fabric: Fabric) -> list[int]:
+    model = fabric.setup_module(_WithGenerate())
+    model.mark_forward_method("generate")
+    model(torch.ones(1, 4))  # after a forward pass the root's parameters are resharded
+    return model.generate(torch.arange(12.0).reshape(3, 4)).tolist()
+
+
+def test_marked_methods_gather_the_sharded_parameters() -> None:
+    result = _fabric(FSDPStrategy()).launch(_generate)  # the root unit holds every parameter
+    assert result == _WithGenerate().generate(torch.arange(12.0).reshape(3, 4)).tolist()

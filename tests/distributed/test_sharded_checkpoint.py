@@ -150,3 +150,15 @@ def test_missing_key_is_named(saved: tuple[Path, dict[str, Any]]) -> None:
     directory, _ = saved
     with pytest.raises(KeyError, match="'scheduler'"):
         Fabric(accelerator="cpu", devices=1).load(directory / "sharded", {"scheduler": object()})
+
+
+def test_load_raw_puts_a_plain_state_dict_into_a_sharded_model(
+    saved: tuple[Path, dict[str, Any]], one_process_fsdp: Fabric, tmp_path: Path
+) -> None:
+    _, expected = saved
+    torch.save(expected["params"], tmp_path / "weights.pt")  # torch.save(model.state_dict()) of a plain model
+    model = one_process_fsdp.setup_module(_model())
+    one_process_fsdp.load_raw(tmp_path / "weights.pt", model)
+    for name, param in model.module.named_parameters():
+        assert isinstance(param, DTensor)
+        torch.testing.assert_close(_full(param), expected["params"][name], rtol=0, atol=0)

@@ -173,6 +173,9 @@ class Strategy:
         forward_module = self.setup_module(module)
         return SetupResult(forward_module, module, [self.setup_optimizer(o) for o in optimizers])
 
+    def register_forward_method(self, module: torch.nn.Module, name: str) -> None:
+        """Make ``module.<name>()`` run like ``forward`` does (e.g. with sharded parameters gathered)."""
+
     def module_init_context(self, empty_init: bool) -> AbstractContextManager[Any]:
         """The context ``fabric.init_module`` adds: with ``empty_init``, weights are left uninitialised."""
         from handloom.init import skip_init_context

@@ -137,6 +137,19 @@ class ShardedStrategy(ParallelStrategy):
                     )
         return optimizer
 
+    @override
+    def register_forward_method(self, module: torch.nn.Module, name: str) -> None:
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+        if isinstance(module, FSDPModule):
+            register_fsdp_forward_method(module, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_replaced"] = {}  # weak references, and only meaningful in the process that set up
+        state["_mesh"] = None
+        return state
+
     # --- the training step ----------------------------------------------------------------------
     @override
     def no_backward_sync(self, module: torch.nn.Module, enabled: bool) -> AbstractContextManager[Any]:
