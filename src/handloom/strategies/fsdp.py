@@ -179,15 +179,10 @@ class FSDPStrategy(ShardedStrategy):
 
     @override
     def _shard(self, module: torch.nn.Module, compiler: Callable[..., Any] | None) -> torch.nn.Module:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FSDPModule
 
         from handloom.sharding.apply import apply_activation_checkpointing, compile_blocks, shard_model
 
-        if isinstance(module, FullyShardedDataParallel):
-            raise TypeError(
-                "FSDPStrategy got a model wrapped in FSDP1's FullyShardedDataParallel. Pass the plain model;"
-                " FSDPStrategy shards it with FSDP2."
-            )
         if self.activation_checkpointing_policy is not None:
             apply_activation_checkpointing(module, self.activation_checkpointing_policy)
         kwargs = self._shard_kwargs()

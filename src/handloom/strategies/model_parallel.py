@@ -144,15 +144,8 @@ class ModelParallelStrategy(ShardedStrategy):
 
     @override
     def _shard(self, module: torch.nn.Module, compiler: Callable[..., Any] | None) -> torch.nn.Module:
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
         from handloom.sharding.materialize import has_meta_tensors
 
-        if isinstance(module, FullyShardedDataParallel):
-            raise TypeError(
-                "ModelParallelStrategy got a model wrapped in FSDP1's FullyShardedDataParallel. Pass the"
-                " plain model and apply fully_shard inside parallelize_fn."
-            )
         result = self.parallelize_fn(module, self.device_mesh)
         if not isinstance(result, torch.nn.Module):
             fn_name = getattr(self.parallelize_fn, "__name__", self.parallelize_fn)

@@ -92,10 +92,17 @@ class ShardedStrategy(ParallelStrategy):
     def setup_module_and_optimizers(
         self, module: torch.nn.Module, optimizers: Sequence[torch.optim.Optimizer]
     ) -> SetupResult:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
         from handloom.sharding.materialize import has_meta_tensors, materialize
         from handloom.sharding.optim import parameter_names, repoint_optimizer
 
         original, compiler = _unwrap_compiled(module)
+        if isinstance(original, FullyShardedDataParallel):
+            raise TypeError(
+                f"{type(self).__name__} got a model wrapped in FSDP1's FullyShardedDataParallel. Pass the"
+                " plain model: handloom shards it with FSDP2 (fully_shard)."
+            )
         names = parameter_names(original)
         before = {name: param for name, param in original.named_parameters()}
         sharded = self._shard(original, compiler)
