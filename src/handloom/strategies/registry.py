@@ -7,8 +7,14 @@ from collections.abc import Callable
 from handloom.strategies.base import Strategy
 from handloom.strategies.ddp import DDPStrategy
 from handloom.strategies.dp import DataParallelStrategy
-from handloom.strategies.fsdp import FSDPStrategy
 from handloom.strategies.single_device import SingleDeviceStrategy
+
+
+def _fsdp(cpu_offload: bool = False) -> Strategy:
+    from handloom.strategies.fsdp import FSDPStrategy  # loaded on first use: keeps the import fast
+
+    return FSDPStrategy(cpu_offload=cpu_offload)
+
 
 _REGISTRY: dict[str, Callable[[], Strategy]] = {
     "single_device": SingleDeviceStrategy,
@@ -18,8 +24,8 @@ _REGISTRY: dict[str, Callable[[], Strategy]] = {
     "ddp_notebook": lambda: DDPStrategy(start_method="fork"),
     "ddp_find_unused_parameters_true": lambda: DDPStrategy(start_method="popen", find_unused_parameters=True),
     "dp": DataParallelStrategy,
-    "fsdp": FSDPStrategy,
-    "fsdp_cpu_offload": lambda: FSDPStrategy(cpu_offload=True),
+    "fsdp": _fsdp,
+    "fsdp_cpu_offload": lambda: _fsdp(cpu_offload=True),
 }
 
 
