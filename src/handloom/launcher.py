@@ -77,6 +77,13 @@ def spec_from_topology(topology: Topology, num_processes: int, num_nodes: int) -
     )
 
 
+def _run_id(spec: LaunchSpec) -> str:
+    """An id that is the same on every node of one job and differs between jobs on other ports."""
+    if spec.num_nodes > 1:
+        return f"handloom-{spec.main_address}-{spec.main_port}"
+    return f"handloom-{uuid.uuid4().hex[:8]}"
+
+
 def _config(spec: LaunchSpec, start_method: str) -> LaunchConfig:
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -84,7 +91,9 @@ def _config(spec: LaunchSpec, start_method: str) -> LaunchConfig:
         min_nodes=spec.num_nodes,
         max_nodes=spec.num_nodes,
         nproc_per_node=spec.num_processes,
-        run_id=f"handloom-{uuid.uuid4().hex[:8]}",
+        # Every node must agree on the run id (the static rendezvous prefixes its store keys with it),
+        # so it comes from what the nodes share: the main address and port.
+        run_id=_run_id(spec),
         rdzv_backend="static",
         rdzv_endpoint=f"{spec.main_address}:{spec.main_port}",
         rdzv_configs={"rank": spec.node_rank},

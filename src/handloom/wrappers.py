@@ -83,17 +83,26 @@ class _FabricModule(torch.nn.Module):
         original = self._original_module
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            method = getattr(original, name)
             had_own = "forward" in original.__dict__
             saved = original.__dict__.get("forward")
-            object.__setattr__(original, "forward", method)
+
+            def restore() -> None:
+                if had_own:
+                    object.__setattr__(original, "forward", saved)
+                elif "forward" in original.__dict__:
+                    object.__delattr__(original, "forward")
+
+            def run_method(*inner_args: Any, **inner_kwargs: Any) -> Any:
+                # The strategy's wrapper is calling "forward": put the real forward back before the
+                # method runs, since the method may call self(...) itself.
+                restore()
+                return getattr(original, name)(*inner_args, **inner_kwargs)
+
+            object.__setattr__(original, "forward", run_method)
             try:
                 return self._call(*args, **kwargs)
             finally:
-                if had_own:
-                    object.__setattr__(original, "forward", saved)
-                else:
-                    object.__delattr__(original, "forward")
+                restore()
 
         return call
 
@@ -257,6 +266,18 @@ class _FabricDataLoader:
         if name.startswith("__") or name in ("_dataloader", "_device", "_num_iter_calls"):
             raise AttributeError(name)
         return getattr(self._dataloader, name)
+
+
+def compiled_original(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The module inside a ``torch.compile(module)`` result, or ``None`` for any other module.
+
+    ``torch.compile`` returns an ``OptimizedModule`` holding the original as ``_orig_mod``; it is
+    recognised by that without importing torch's private dynamo package.
+    """
+    original = module.__dict__.get("_orig_mod") or module._modules.get("_orig_mod")
+    if type(module).__name__ == "OptimizedModule" and isinstance(original, torch.nn.Module):
+        return original
+    return None
 
 
 def is_wrapped(obj: object) -> bool:

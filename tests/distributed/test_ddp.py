@@ -173,3 +173,30 @@ def test_spawn_returns_rank_zero_result() -> None:
 
 def _rank_and_world(fabric: Fabric, extra: int) -> tuple[int, int, int]:
     return fabric.global_rank, fabric.world_size, extra
+
+
+class _WithTrainingStep(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.cross_entropy(self(inputs), targets)  # calls forward from inside the step
+
+
+def _training_step(fabric: Fabric) -> float:
+    model = fabric.setup(_WithTrainingStep())
+    loss = model.training_step(_rank_batch(0))
+    fabric.backward(loss)  # went through DDP: gradients are synchronised
+    assert _same_on_all_ranks(fabric, model.module.net.weight.grad)
+    return loss.item()
+
+
+def test_training_step_that_calls_forward_runs_through_ddp() -> None:
+    expected = _WithTrainingStep().training_step(_rank_batch(0)).item()
+    assert _fabric().launch(_training_step) == pytest.approx(expected)

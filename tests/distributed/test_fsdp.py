@@ -129,12 +129,14 @@ def _decoder_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _article_snippet(fabric: Fabric) -> dict[str, Any]:
-    from torch.distributed._composable.contract import _get_registry
+    from handloom.sharding.apply import is_checkpointed
 
     model = _decoder()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     model, optimizer = fabric.setup(model, optimizer)
     layers = list(model.module.layers)
+    calls = [0]
+    layers[0].linear1.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     losses = []
     out_dtype = None
     for tgt, memory in _decoder_batches():
@@ -149,7 +151,8 @@ def _article_snippet(fabric: Fabric) -> dict[str, Any]:
     return {
         "losses": losses,
         "layers_sharded": all(isinstance(layer, FSDPModule) for layer in layers),
-        "layers_checkpointed": all("checkpoint" in (_get_registry(layer) or {}) for layer in layers),
+        "layers_checkpointed": all(is_checkpointed(layer) for layer in layers),
+        "recomputed": calls[0] == 2 * len(_decoder_batches()),  # forward, and again in backward
         "out_dtype": str(out_dtype),
         "master_dtype": str(next(model.parameters()).dtype),
         "keys": list(model.state_dict()),
@@ -179,7 +182,7 @@ def test_the_articles_fsdp_snippet(precision: str) -> None:
         cpu_offload=False,
     )
     result = _fabric(fsdp_strategy, precision=precision).launch(_article_snippet)
-    assert result["layers_sharded"] and result["layers_checkpointed"]
+    assert result["layers_sharded"] and result["layers_checkpointed"] and result["recomputed"]
     assert result["out_dtype"] == "torch.float32" and result["master_dtype"] == "torch.float32"
     assert result["keys"] == list(_decoder().state_dict())  # no wrapper prefixes in checkpoints
     reference = _decoder_reference()

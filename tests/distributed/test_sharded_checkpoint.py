@@ -162,3 +162,18 @@ def test_load_raw_puts_a_plain_state_dict_into_a_sharded_model(
     for name, param in model.module.named_parameters():
         assert isinstance(param, DTensor)
         torch.testing.assert_close(_full(param), expected["params"][name], rtol=0, atol=0)
+
+
+def test_a_filter_applies_to_the_model_in_sharded_and_full_saves(
+    one_process_fsdp: Fabric, tmp_path: Path
+) -> None:
+    fabric = one_process_fsdp
+    model = fabric.setup_module(_model())
+    only_first_layer = {"model": lambda name, value: name.startswith("0.")}
+    fabric.save(tmp_path / "sharded", {"model": model, "step": 1}, filter=only_first_layer)
+    fabric.strategy.state_dict_type = "full"  # type: ignore[attr-defined]
+    fabric.save(tmp_path / "full.ckpt", {"model": model, "step": 1}, filter=only_first_layer)
+    sharded = Fabric(accelerator="cpu", devices=1).load(tmp_path / "sharded")
+    full = torch.load(tmp_path / "full.ckpt", weights_only=True)
+    for data in (sharded, full):
+        assert sorted(data["model"]) == ["0.bias", "0.weight"] and data["step"] == 1

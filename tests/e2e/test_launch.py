@@ -113,6 +113,40 @@ def test_two_simulated_nodes_on_localhost(tmp_path: Path) -> None:
     assert all("world=2" in line and "sum=1.0" in line for line in lines)
 
 
+def test_two_nodes_started_without_a_launcher(tmp_path: Path) -> None:
+    # `python train.py` on each node with MASTER_ADDR/MASTER_PORT/NODE_RANK: fabric.launch() makes each
+    # node's process the elastic agent, and the nodes must agree on the rendezvous to find each other.
+    port = str(find_free_port())
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN)
+    kwargs = "dict(accelerator='cpu', devices=1, num_nodes=2, strategy='ddp')"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={
+                **os.environ,
+                "PYTHONPATH": str(ROOT / "src"),
+                "FABRIC_KWARGS": kwargs,
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                "NODE_RANK": str(node),
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
+    try:
+        outputs = [p.communicate(timeout=90) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outputs]
+    lines = _done_lines("".join(o[0] for o in outputs))
+    assert len(lines) == 2 and all("world=2" in line and "sum=1.0" in line for line in lines)
+
+
 @pytest.mark.parametrize("launcher", ["cli", "script"])
 def test_a_rank_that_raises_ends_the_job_with_its_traceback(tmp_path: Path, launcher: str) -> None:
     env = {"FAIL_AT_STEP": "1"}

@@ -191,3 +191,13 @@ def test_materialize_lists_modules_without_reset_parameters() -> None:
         model = nn.Sequential(nn.Linear(3, 3), Scale())
     assert materialize.materialize(model, torch.device("cpu")) == ["1"]
     assert not materialize.has_meta_tensors(model)
+
+
+def test_materialize_uses_the_private_reset_of_torch_attention() -> None:
+    # nn.MultiheadAttention has _reset_parameters only; the article's decoder layer holds two of them.
+    with torch.device("meta"):
+        layer = nn.TransformerDecoderLayer(d_model=8, nhead=2, dim_feedforward=16, batch_first=True)
+    torch.manual_seed(0)
+    assert materialize.materialize(layer, torch.device("cpu")) == []
+    weight = layer.self_attn.in_proj_weight
+    assert torch.isfinite(weight).all() and 0 < weight.abs().max() <= (6 / (8 + 24)) ** 0.5  # xavier bound

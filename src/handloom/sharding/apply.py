@@ -16,20 +16,39 @@ def has_sharded_submodule(module: torch.nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+class _CheckpointedForward:
+    """A block's ``forward`` run through ``torch.utils.checkpoint.checkpoint`` (non-reentrant).
+
+    Installed as an instance attribute, so the block keeps its class, hooks and parameter names
+    (state-dict keys stay those of the user's model, unlike with a wrapper module). FSDP2's hooks
+    run around it: the block's parameters are gathered before its forward and again before the
+    recomputation in backward.
+    """
+
+    def __init__(self, forward: Callable[..., Any]) -> None:
+        self.forward = forward
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(self.forward, *args, use_reentrant=False, **kwargs)
+
+
+def is_checkpointed(module: torch.nn.Module) -> bool:
+    """True when :func:`apply_activation_checkpointing` chose ``module``."""
+    return isinstance(module.__dict__.get("forward"), _CheckpointedForward)
+
+
 def apply_activation_checkpointing(module: torch.nn.Module, policy: ModulePolicy) -> list[torch.nn.Module]:
     """Recompute the activations of each module ``policy`` picks during backward, keeping parameter names.
-
-    Uses PyTorch's composable ``checkpoint``, which adds hooks instead of a wrapper module, so
-    state-dict keys stay those of the user's model.
 
     Returns:
         The modules that will be checkpointed.
     """
-    from torch.distributed._composable.checkpoint_activation import checkpoint
-
     chosen = select_modules(module, policy, include_root=False)
     for block in chosen:
-        checkpoint(block)
+        if not is_checkpointed(block):
+            block.forward = _CheckpointedForward(block.forward)
     return chosen
 
 

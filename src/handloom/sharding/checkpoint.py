@@ -76,6 +76,13 @@ def _filtered(key: str, plain: Any, filter: Filter) -> Any:
     return plain
 
 
+def _only(filter: Filter, keys: Mapping[str, Any]) -> Filter:
+    """The part of ``filter`` that applies to ``keys`` (the whole filter was checked already)."""
+    if filter is None:
+        return None
+    return {key: fn for key, fn in filter.items() if key in keys}
+
+
 def save_sharded(
     path: str | os.PathLike[str],
     state: Mapping[str, Any],
@@ -109,7 +116,7 @@ def save_sharded(
     if rank == 0:
         meta = {
             "handloom": {**description, "format": FORMAT_VERSION, "tensor_keys": sorted(tensors)},
-            "state": single_file.collect_state(rest, filter),
+            "state": single_file.collect_state(rest, _only(filter, rest)),
         }
         single_file.write_atomic(target / META_FILE, meta)
     if dist.is_initialized():
@@ -144,7 +151,7 @@ def save_full(
             payload[key] = _filtered(key, optim_keys.to_position_keyed(full, optimizer, owner), filter)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        payload.update(single_file.collect_state(rest, filter))
+        payload.update(single_file.collect_state(rest, _only(filter, rest)))
         single_file.write_atomic(path, payload)
     if dist.is_initialized():
         dist.barrier()
@@ -271,20 +278,21 @@ def load_full_into_sharded(
 
 
 def read_sharded(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a whole DCP directory into plain, full CPU tensors (``fabric.load(path)`` without state)."""
-    from torch.distributed.checkpoint.filesystem import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import (  # type: ignore[attr-defined]
-        _EmptyStateDictLoadPlanner,
-    )
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    """Read a whole DCP directory into plain, full CPU tensors (``fabric.load(path)`` without state).
+
+    ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` merges the shards into a
+    temporary file next to nothing the user owns, which is then read with ``weights_only=True``.
+    """
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     target = Path(path)
     meta = _read_meta(target)
-    tensors: dict[str, Any] = {}
-    _load_state_dict(
-        tensors,
-        storage_reader=FileSystemReader(target),
-        planner=_EmptyStateDictLoadPlanner(),  # type: ignore[no-untyped-call]
-        no_dist=True,
-    )
+    with tempfile.TemporaryDirectory(prefix="handloom-read-") as scratch:
+        merged = Path(scratch) / "merged.pt"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp_to_torch_save(target, merged)
+        tensors = single_file.read_checkpoint(merged)
     return {**tensors, **meta["state"]}

@@ -10,7 +10,7 @@ memory holds only the local shards plus one subtree at full size.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -46,6 +46,16 @@ def _keep_local_slice(real: torch.Tensor, full: torch.Tensor) -> None:
             real.copy_(full.detach())
 
 
+def _reset_method(module: torch.nn.Module) -> Callable[[], None] | None:
+    """``reset_parameters``, or the private ``_reset_parameters`` some torch modules have instead
+    (``nn.MultiheadAttention``), or ``None``."""
+    for name in ("reset_parameters", "_reset_parameters"):
+        method = getattr(module, name, None)
+        if callable(method):
+            return method  # type: ignore[no-any-return]
+    return None
+
+
 def _reset_subtree(root: torch.nn.Module, device: torch.device) -> None:
     """Run ``root.reset_parameters()`` on full-size stand-ins, then copy each rank's slice back."""
     swapped: list[tuple[torch.nn.Module, str, str, torch.Tensor, torch.Tensor]] = []
@@ -54,9 +64,11 @@ def _reset_subtree(root: torch.nn.Module, device: torch.device) -> None:
             full = _full_like(real, device)
             getattr(module, slot)[name] = full
             swapped.append((module, slot, name, real, full))
+    reset = _reset_method(root)
+    assert reset is not None
     try:
         with torch.no_grad():
-            root.reset_parameters()  # type: ignore[operator]
+            reset()
     finally:
         for module, slot, name, real, _ in swapped:
             getattr(module, slot)[name] = real
@@ -76,7 +88,7 @@ def materialize(module: torch.nn.Module, device: torch.device) -> list[str]:
     for name, sub in module.named_modules():
         if not any(True for _ in _owned(sub)):
             continue
-        if callable(getattr(sub, "reset_parameters", None)):
+        if _reset_method(sub) is not None:
             _reset_subtree(sub, device)
         else:
             without_reset.append(name or type(sub).__name__)

@@ -19,11 +19,13 @@ from handloom.strategies.parallel import ParallelStrategy
 
 def _unwrap_compiled(module: torch.nn.Module) -> tuple[torch.nn.Module, Callable[..., Any] | None]:
     """``(module, None)``, or ``(original, compile_context)`` for a ``torch.compile``'d module."""
-    from torch._dynamo.eval_frame import OptimizedModule
+    from handloom.wrappers import compiled_original
 
-    if isinstance(module, OptimizedModule):
-        return module._orig_mod, module.dynamo_ctx
-    return module, None
+    original = compiled_original(module)
+    if original is None:
+        return module, None
+    compiler: Callable[..., Any] | None = module.__dict__.get("dynamo_ctx")
+    return original, compiler
 
 
 @contextlib.contextmanager
