@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
 from handloom.strategies import ModelParallelStrategy
+from handloom.utilities import progress_bar
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,7 @@ def main(args: argparse.Namespace) -> None:
     loader = fabric.setup_dataloaders(DataLoader(dataset, batch_size=args.batch_size, shuffle=True))
 
     losses: list[float] = []
-    for step, (inputs, targets) in enumerate(loader):
+    for step, (inputs, targets) in enumerate(progress_bar(loader, fabric, desc="training")):
         logits = model(inputs)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         fabric.backward(loss)

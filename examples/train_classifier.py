@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
+from handloom.utilities import progress_bar
 
 # Used when the script launches itself; under `handloom run` the launcher's flags decide instead.
 STANDALONE_DEFAULTS = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
@@ -196,7 +197,8 @@ def main(args: argparse.Namespace) -> None:
         running_loss = torch.tensor(0.0, device=fabric.device)
         n_correct = torch.tensor(0, device=fabric.device)
         n_total = torch.tensor(0, device=fabric.device)
-        for inputs, targets in train_loader:  # already on the right device, sharded across ranks
+        # Batches are already on the right device and sharded across ranks; the bar shows on rank 0 only.
+        for inputs, targets in progress_bar(train_loader, fabric, desc=f"epoch {epoch + 1}"):
             optimizer.zero_grad()
             outputs = model(inputs)
             loss = criterion(outputs, targets)
