@@ -18,9 +18,10 @@ from handloom import checkpoint, launcher, validation
 from handloom.apply import apply_to_tensors, move_data_to_device
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
+from handloom.loggers import _fabric as _loggers
 from handloom.options import FabricOptions, Plan, resolve_plan
 from handloom.strategies.base import Runtime, Strategy
-from handloom.wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer
+from handloom.wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer, compiled_original
 
 
 class Fabric:
@@ -37,11 +38,14 @@ class Fabric:
         precision: ``"32-true"`` (default), ``"64-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
             ``"16-true"``, ``"bf16-true"`` or a legacy alias (``"32"``, ``"16"``, ``"bf16"``, 32, 16, 64).
         plugins: A cluster environment (or a list holding one) to use instead of auto-detection.
-        callbacks: Objects whose methods ``fabric.call(name, ...)`` invokes.
-        loggers: Objects with ``log_metrics(metrics, step)``, used by ``fabric.log``.
+        callbacks: An object or a list of objects whose methods ``fabric.call(name, ...)`` invokes.
+        loggers: A logger or a list of them (``handloom.loggers.CSVLogger``, ``TensorBoardLogger``, or
+            any object with ``log_metrics(metrics, step)``), used by ``fabric.log``. They are
+            finalised at interpreter exit and when a launched worker function returns.
 
     Raises:
         ValueError: An unknown, unavailable or conflicting choice (the message names it).
+        TypeError: A logger without a ``log_metrics`` method.
 
     Example::
 
@@ -74,7 +78,7 @@ class Fabric:
         self._plan: Plan = resolve_plan(options, os.environ, probe_hardware())
         self._strategy: Strategy = self._plan.strategy
         self._callbacks: list[Any] = validation.as_list(callbacks)
-        self._loggers: list[Any] = validation.as_list(loggers)
+        self._loggers: list[Any] = _loggers.check_loggers(validation.as_list(loggers))
         self._launched = False
         self._setup_objects: weakref.WeakSet[Any] = weakref.WeakSet()
         if self._plan.launch in ("none", "external"):
@@ -93,6 +97,7 @@ class Fabric:
         else:
             device = torch.device(plan.accelerator, plan.device_indices[0])
         self._strategy.bind(Runtime(plan.accelerator, device, topology, plan.num_nodes, plan.precision))
+        _loggers.bind_rank(self._loggers, topology.global_rank)
         if topology.creates_processes_externally:
             launcher.install_failure_recorder()
 
@@ -108,6 +113,9 @@ class Fabric:
         if not self._launched:
             self._strategy.setup_environment()
             self._launched = True
+            if self.world_size > 1:
+                # A collective on every rank, with or without loggers, so ranks never wait on each other.
+                _loggers.agree_on_versions(self._loggers, self.global_rank, self._strategy.broadcast)
 
     def _ensure_running(self) -> None:
         if self._launched:
@@ -150,7 +158,10 @@ class Fabric:
                 f"Fabric(strategy={self._strategy.name!r}) starts a function in each new process, so it needs"
                 " one: call fabric.launch(train) where train(fabric, ...) holds your training code."
             )
-        return launcher.launch_function(spec, mode, self, function, args, kwargs)
+        _loggers.flush(self._loggers)  # the workers get copies of the loggers, not of unwritten rows
+        # Workers end with os._exit (no atexit hooks), so their loggers are finalised here.
+        worker_fn = functools.partial(_run_then_finalize_loggers, function)
+        return launcher.launch_function(spec, mode, self, worker_fn, args, kwargs)
 
     def _launch_run(self, user_run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return self.launch(lambda fabric, *a, **kw: user_run(*a, **kw), *args, **kwargs)
@@ -214,7 +225,7 @@ class Fabric:
 
     @property
     def loggers(self) -> list[Any]:
-        """The loggers passed to the constructor."""
+        """The loggers passed to the constructor, as a list."""
         return self._loggers
 
     @property
@@ -222,10 +233,13 @@ class Fabric:
         """The first logger.
 
         Raises:
-            RuntimeError: No logger was given.
+            RuntimeError: No logger was given (also an ``IndexError``, as in Lightning).
         """
         if not self._loggers:
-            raise RuntimeError("fabric.logger is undefined: no logger was given. Pass Fabric(loggers=[...]).")
+            raise _loggers.NoLoggerError(
+                "fabric.logger is undefined: no logger was given. Pass one, e.g."
+                " Fabric(loggers=CSVLogger('logs')) with CSVLogger from handloom.loggers."
+            )
         return self._loggers[0]
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -291,7 +305,9 @@ class Fabric:
         for optimizer in optimizers:
             self._setup_objects.add(optimizer)
         wrapped_optimizers = [_FabricOptimizer(o, strategy, self._callbacks) for o in result.optimizers]
-        return _FabricModule(result.forward_module, result.module, strategy), wrapped_optimizers
+        # A module compiled before setup runs compiled, but its state dict and attributes are the original's.
+        original = compiled_original(result.module) or result.module
+        return _FabricModule(result.forward_module, original, strategy), wrapped_optimizers
 
     def _wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> _FabricOptimizer:
         self._setup_objects.add(optimizer)
@@ -486,25 +502,69 @@ class Fabric:
         return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
 
     def call(self, hook_name: str, *args: Any, **kwargs: Any) -> None:
-        """Call ``hook_name`` on every callback that defines it (extra keyword arguments it does not take
-        are left out)."""
+        """Call ``hook_name`` on every callback that defines it, in the order the callbacks were given.
+
+        Callbacks without the method, or with the attribute set to ``None``, are skipped. Keyword
+        arguments the method does not accept are left out (unless it takes ``**kwargs``). Built-in
+        calls: ``on_after_setup(fabric, module)`` from ``setup``/``setup_module`` and
+        ``on_after_optimizer_step(strategy, optimizer)`` after each optimizer step.
+
+        Raises:
+            TypeError: A callback's attribute named ``hook_name`` is not callable.
+
+        Example::
+
+            class PrintLoss:
+                def on_train_batch_end(self, loss, batch_idx):
+                    print(batch_idx, loss.item())
+
+            fabric = Fabric(callbacks=[PrintLoss()])
+            fabric.call("on_train_batch_end", loss=loss, batch_idx=i, outputs=out)  # outputs left out
+        """
         for callback in self._callbacks:
             method = getattr(callback, hook_name, None)
-            if not callable(method):
+            if method is None:
                 continue
+            if not callable(method):
+                raise TypeError(
+                    f"fabric.call({hook_name!r}) found {type(callback).__name__}.{hook_name} ="
+                    f" {method!r}, which is not a method. Define it as a method, or set it to None to"
+                    " skip this callback."
+                )
             method(*args, **validation.accepted_kwargs(method, kwargs))
 
     def log(self, name: str, value: Any, step: int | None = None) -> None:
-        """Log one metric to every logger."""
+        """Log one metric to every logger; see :meth:`log_dict`.
+
+        Raises:
+            ValueError: ``value`` is a tensor with more than one element.
+        """
         self.log_dict({name: value}, step=step)
 
     def log_dict(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log several metrics to every logger (tensors are converted with ``.item()``)."""
+        """Log several metrics (numbers or one-element tensors) to every logger.
+
+        Values are not reduced across processes; handloom's loggers write on global rank 0 only.
+        They keep tensors on the device until they flush (one sync per flush, not per call);
+        loggers of other libraries get Python numbers.
+
+        Raises:
+            ValueError: A tensor with more than one element (the message names its key).
+
+        Example::
+
+            fabric.log_dict({"loss": loss, "lr": scheduler.get_last_lr()[0]}, step=step)
+        """
         if not self._loggers:
             return
-        plain = {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in metrics.items()}
-        for logger in self._loggers:
-            logger.log_metrics(plain, step=step)
+        _loggers.check_metrics(metrics)
+        _loggers.log_to_all(self._loggers, metrics, step)
+
+    def _finalize_loggers(self, status: str) -> None:
+        """Write everything the loggers hold and close their files (``finalize(status)`` on each)."""
+        from handloom.loggers.base import finalize_all
+
+        finalize_all(self._loggers, status)
 
     # --- checkpoints ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str], state: dict[str, Any], filter: Any = None) -> None:
@@ -542,6 +602,19 @@ class Fabric:
             target.load_state_dict(data, strict=strict)
         else:
             target.load_state_dict(data)
+
+
+def _run_then_finalize_loggers(
+    function: Callable[..., Any], fabric: Fabric, *args: Any, **kwargs: Any
+) -> Any:
+    """Run a launched worker function, then finalise the loggers (workers skip atexit hooks)."""
+    try:
+        result = function(fabric, *args, **kwargs)
+    except BaseException:
+        fabric._finalize_loggers("failed")
+        raise
+    fabric._finalize_loggers("success")
+    return result
 
 
 def _is_sharded(module: torch.nn.Module) -> bool:

@@ -12,6 +12,8 @@ If any worker fails, the agent stops the others at once and the failing rank's t
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -139,12 +141,36 @@ def launch_function(
 
     error_dir = tempfile.mkdtemp(prefix="handloom-errors-")
     try:
-        results = elastic_launch(_config(spec, start_method), _worker)(fabric, fn, args, kwargs, error_dir)
+        with _fork_safe_garbage(start_method):
+            results = elastic_launch(_config(spec, start_method), _worker)(
+                fabric, fn, args, kwargs, error_dir
+            )
     except ChildFailedError as err:
         raise _first_failure(error_dir, err) from None
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
     return results[min(results)]
+
+
+@contextlib.contextmanager
+def _fork_safe_garbage(start_method: str) -> Iterator[None]:
+    """Keep forked workers from collecting this process's garbage.
+
+    An unreachable object that owns a thread here, such as the TCPStore of an earlier launch that
+    a reference cycle keeps alive, would be destroyed by the first garbage collection in a forked
+    child, where its thread does not exist: joining it hangs the worker forever. So the garbage is
+    collected here first, and everything else is frozen (``gc.freeze``) while workers are forked,
+    which is the practice Python's documentation gives for ``fork``.
+    """
+    if start_method != "fork":
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _worker(

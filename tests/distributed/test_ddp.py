@@ -200,3 +200,32 @@ def _training_step(fabric: Fabric) -> float:
 def test_training_step_that_calls_forward_runs_through_ddp() -> None:
     expected = _WithTrainingStep().training_step(_rank_batch(0)).item()
     assert _fabric().launch(_training_step) == pytest.approx(expected)
+
+
+def _collect_garbage(fabric: Fabric) -> str:
+    import gc
+
+    gc.collect()
+    return "collected"
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_do_not_collect_the_parents_garbage() -> None:
+    # An unreachable TCPStore (as an earlier, failed launch can leave behind in a reference cycle)
+    # owns a thread in this process; destroying it in a forked child would join a thread that does
+    # not exist there and hang the worker.
+    import gc
+
+    from torch.distributed import TCPStore
+
+    from handloom.launcher import find_free_port
+
+    gc.disable()  # keep the garbage until the fork, as a busy program would
+    try:
+        store = TCPStore("127.0.0.1", find_free_port(), is_master=True, wait_for_workers=False)
+        cycle: list[Any] = [store]
+        cycle.append(cycle)
+        del store, cycle
+        assert _fabric().launch(_collect_garbage) == "collected"
+    finally:
+        gc.enable()
