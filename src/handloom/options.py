@@ -213,7 +213,7 @@ def _resolve_strategy(
             else:
                 name = "ddp_fork" if probe.interactive and probe.fork_available else "ddp"
         if name not in strategy_names():
-            choices = ", ".join(repr(n) for n in strategy_names() if n != "single_device")
+            choices = ", ".join(repr(n) for n in strategy_names())
             raise ValueError(f"Fabric(strategy={value!r}) is not a known strategy. Choose one of: {choices}.")
         strategy = build_strategy(name)
     else:

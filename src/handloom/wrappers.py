@@ -191,7 +191,10 @@ class _FabricOptimizer:
         """Take an optimizer step (skipped by the gradient scaler when fp16 gradients overflowed)."""
         output = self._strategy.amp.optimizer_step(self._optimizer, closure)
         for callback in self._callbacks:
-            callback.on_after_optimizer_step(strategy=self._strategy, optimizer=self._optimizer)
+            from handloom.validation import accepted_kwargs  # validation imports this module
+
+            hook = callback.on_after_optimizer_step
+            hook(**accepted_kwargs(hook, {"strategy": self._strategy, "optimizer": self._optimizer}))
         return output
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -380,3 +380,20 @@ def test_callbacks_dispatch_filter_and_skip() -> None:
     single = Fabric(accelerator="cpu", callbacks=Broken())
     with pytest.raises(TypeError, match=r"Broken.on_epoch_end = 3, which is not a method"):
         single.call("on_epoch_end", epoch=1)
+
+
+def test_on_after_optimizer_step_gets_only_the_arguments_it_takes() -> None:
+    from handloom import Fabric
+
+    seen: list[Any] = []
+
+    class OnlyOptimizer:
+        def on_after_optimizer_step(self, optimizer: Any) -> None:
+            seen.append(optimizer)
+
+    fabric = Fabric(accelerator="cpu", devices=1, callbacks=[OnlyOptimizer()])
+    model = torch.nn.Linear(2, 1)
+    model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    fabric.backward(model(torch.ones(1, 2)).sum())
+    optimizer.step()
+    assert seen == [optimizer.optimizer]
