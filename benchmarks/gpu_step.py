@@ -84,10 +84,11 @@ def plain_runner(model: torch.nn.Module, data: Iterator[torch.Tensor], compile_m
     return step
 
 
-def handloom_runner(model: torch.nn.Module, data: Iterator[torch.Tensor], compile_model: bool) -> Step:
-    from handloom import Fabric
-
-    fabric = Fabric(accelerator="cuda", devices=1, precision="bf16-mixed")
+def fabric_runner(
+    fabric_class: Any, model: torch.nn.Module, data: Iterator[torch.Tensor], compile_model: bool
+) -> Step:
+    """The loop through a Fabric class: handloom's, or Lightning's (the same API)."""
+    fabric = fabric_class(accelerator="cuda", devices=1, precision="bf16-mixed")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     module: Any = torch.compile(model) if compile_model else model
     module, optimizer = fabric.setup(module, optimizer)
@@ -99,23 +100,18 @@ def handloom_runner(model: torch.nn.Module, data: Iterator[torch.Tensor], compil
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def handloom_runner(model: torch.nn.Module, data: Iterator[torch.Tensor], compile_model: bool) -> Step:
+    from handloom import Fabric
+
+    return fabric_runner(Fabric, model, data, compile_model)
 
 
 def lightning_runner(model: torch.nn.Module, data: Iterator[torch.Tensor], compile_model: bool) -> Step:
     from lightning.fabric import Fabric
 
-    fabric = Fabric(accelerator="cuda", devices=1, precision="bf16-mixed")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    module: Any = torch.compile(model) if compile_model else model
-    module, optimizer = fabric.setup(module, optimizer)
-
-    def step() -> None:
-        loss = loss_of(module, next(data))
-        fabric.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return fabric_runner(Fabric, model, data, compile_model)
 
 
 def accelerate_runner(model: torch.nn.Module, data: Iterator[torch.Tensor], compile_model: bool) -> Step:

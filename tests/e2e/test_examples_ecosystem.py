@@ -8,10 +8,7 @@ the tests assert on it and on the files the scripts write. The helpers are those
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,53 +16,9 @@ from typing import Any
 
 import pytest
 import torch
-
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLES = REPO / "examples"
-SUBPROCESS_TIMEOUT_S = 150
+from test_examples import EXAMPLES, run_example  # the same runner as the other example tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
-
-# Variables that would make a script believe it was started by a launcher or a scheduler.
-_LAUNCH_VARS = (
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "NODE_RANK", "MASTER_ADDR",
-    "MASTER_PORT", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "SLURM_NTASKS", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE",
-    "PMI_SIZE",
-)  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in _LAUNCH_VARS and not k.startswith(("HANDLOOM_", "TORCHELASTIC_"))
-    }
-    src = str(REPO / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else src
-    return env
-
-
-def run_example(*args: str | Path) -> dict[str, Any]:
-    """Run ``python ARGS...`` from the repository root; return the parsed FINAL line."""
-    command = [sys.executable, *map(str, args)]
-    proc = subprocess.run(
-        command,
-        check=False,
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
-    )
-    output = (
-        f"$ {' '.join(command)}\n--- stdout (end) ---\n{proc.stdout[-4000:]}"
-        f"\n--- stderr (end) ---\n{proc.stderr[-4000:]}"
-    )
-    finals = [line for line in proc.stdout.splitlines() if line.startswith("FINAL ")]
-    assert proc.returncode == 0, f"exit status {proc.returncode}\n{output}"
-    assert len(finals) == 1, f"expected exactly one FINAL line (from rank 0 only)\n{output}"
-    result: dict[str, Any] = json.loads(finals[0].removeprefix("FINAL "))
-    return result
 
 
 def _import_example(name: str) -> ModuleType:
