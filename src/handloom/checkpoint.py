@@ -46,6 +46,13 @@ def check_filter(state: Mapping[str, Any], filter: object) -> None:
             raise TypeError(f"fabric.save(filter={{{key!r}: {fn!r}}}) must map to a function.")
 
 
+def apply_filter(key: str, plain: Any, filter: Mapping[str, Callable[[str, Any], bool]] | None) -> Any:
+    """Keep the entries of the state dict ``plain`` (saved under ``key``) that ``filter[key]`` accepts."""
+    if filter is not None and key in filter and isinstance(plain, Mapping):
+        return {name: item for name, item in plain.items() if filter[key](name, item)}
+    return plain
+
+
 def collect_state(
     state: Mapping[str, Any], filter: Mapping[str, Callable[[str, Any], bool]] | None
 ) -> dict[str, Any]:
@@ -60,9 +67,7 @@ def collect_state(
     for key, value in state.items():
         obj = unwrap(value)
         plain = obj.state_dict() if _has_state(obj) else obj
-        if filter is not None and key in filter and isinstance(plain, Mapping):
-            plain = {name: item for name, item in plain.items() if filter[key](name, item)}
-        out[key] = plain
+        out[key] = apply_filter(key, plain, filter)
     return out
 
 

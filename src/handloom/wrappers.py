@@ -142,14 +142,17 @@ class _FabricOptimizer:
 
     _optimizer: torch.optim.Optimizer
     _strategy: Strategy
-    _callbacks: list[Any]
+    _callbacks: list[tuple[Callable[..., Any], dict[str, Any]]]
 
     def __init__(self, optimizer: torch.optim.Optimizer, strategy: Strategy, callbacks: list[Any]) -> None:
         object.__setattr__(self, "_optimizer", optimizer)
         object.__setattr__(self, "_strategy", strategy)
-        object.__setattr__(
-            self, "_callbacks", [cb for cb in callbacks if hasattr(cb, "on_after_optimizer_step")]
-        )
+        from handloom.validation import accepted_kwargs  # validation imports this module
+
+        # The hook's arguments never change, so they are matched to its signature once, here.
+        everything = {"strategy": strategy, "optimizer": optimizer}
+        hooks = [cb.on_after_optimizer_step for cb in callbacks if hasattr(cb, "on_after_optimizer_step")]
+        object.__setattr__(self, "_callbacks", [(hook, accepted_kwargs(hook, everything)) for hook in hooks])
         cls = type(optimizer)
         self.__class__ = type(f"Fabric{cls.__name__}", (_FabricOptimizer, cls), {})
 
@@ -190,11 +193,8 @@ class _FabricOptimizer:
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take an optimizer step (skipped by the gradient scaler when fp16 gradients overflowed)."""
         output = self._strategy.amp.optimizer_step(self._optimizer, closure)
-        for callback in self._callbacks:
-            from handloom.validation import accepted_kwargs  # validation imports this module
-
-            hook = callback.on_after_optimizer_step
-            hook(**accepted_kwargs(hook, {"strategy": self._strategy, "optimizer": self._optimizer}))
+        for hook, kwargs in self._callbacks:
+            hook(**kwargs)
         return output
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -70,12 +70,6 @@ def owner_of(
     )
 
 
-def _filtered(key: str, plain: Any, filter: Filter) -> Any:
-    if filter is not None and key in filter and isinstance(plain, Mapping):
-        return {name: item for name, item in plain.items() if filter[key](name, item)}
-    return plain
-
-
 def _only(filter: Filter, keys: Mapping[str, Any]) -> Filter:
     """The part of ``filter`` that applies to ``keys`` (the whole filter was checked already)."""
     if filter is None:
@@ -101,10 +95,10 @@ def save_sharded(
     owners = {**modules}
     tensors: dict[str, Any] = {}
     for key, module in modules.items():
-        tensors[key] = _filtered(key, get_model_state_dict(module), filter)
+        tensors[key] = single_file.apply_filter(key, get_model_state_dict(module), filter)
     for key, optimizer in optimizers.items():
         owner = owner_of(optimizer, key, [*owners.values(), *candidates])
-        tensors[key] = _filtered(key, get_optimizer_state_dict(owner, optimizer), filter)
+        tensors[key] = single_file.apply_filter(key, get_optimizer_state_dict(owner, optimizer), filter)
     target = Path(path)
     if target.is_file():
         raise FileExistsError(
@@ -143,12 +137,14 @@ def save_full(
     modules, optimizers, rest = _split(state)
     payload: dict[str, Any] = {}
     for key, module in modules.items():
-        payload[key] = _filtered(key, get_model_state_dict(module, options=options), filter)
+        payload[key] = single_file.apply_filter(key, get_model_state_dict(module, options=options), filter)
     for key, optimizer in optimizers.items():
         owner = owner_of(optimizer, key, [*modules.values(), *candidates])
         full = get_optimizer_state_dict(owner, optimizer, options=options)
         if full:  # only rank 0 receives the gathered state
-            payload[key] = _filtered(key, optim_keys.to_position_keyed(full, optimizer, owner), filter)
+            payload[key] = single_file.apply_filter(
+                key, optim_keys.to_position_keyed(full, optimizer, owner), filter
+            )
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         payload.update(single_file.collect_state(rest, _only(filter, rest)))

@@ -97,7 +97,7 @@ class ShardedStrategy(ParallelStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         from handloom.sharding.materialize import has_meta_tensors, materialize
-        from handloom.sharding.optim import parameter_names, repoint_optimizer
+        from handloom.sharding.optim import repoint_optimizer
 
         original, compiler = _unwrap_compiled(module)
         if isinstance(original, FullyShardedDataParallel):
@@ -105,8 +105,8 @@ class ShardedStrategy(ParallelStrategy):
                 f"{type(self).__name__} got a model wrapped in FSDP1's FullyShardedDataParallel. Pass the"
                 " plain model: handloom shards it with FSDP2 (fully_shard)."
             )
-        names = parameter_names(original)
-        before = {name: param for name, param in original.named_parameters()}
+        before = dict(original.named_parameters())
+        names = {id(param): name for name, param in before.items()}
         sharded = self._shard(original, compiler)
         if not isinstance(sharded, torch.nn.Module):
             raise TypeError(
