@@ -222,7 +222,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_options(run)
     run.set_defaults(handler=functools.partial(_run_command, usage_error=run.error))
+    consolidate = subparsers.add_parser(
+        "consolidate",
+        help="merge a sharded checkpoint directory into one file for torch.load",
+        description=(
+            "Merge the sharded checkpoint CKPT_DIR (written by fabric.save under FSDP or ModelParallel)\n"
+            "into OUT_FILE, which torch.load reads into plain modules and optimizers."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    consolidate.add_argument("checkpoint_dir", metavar="CKPT_DIR")
+    consolidate.add_argument("output_file", metavar="OUT_FILE", nargs="?", default=None)
+    consolidate.add_argument(
+        "--output_file", "--output-file", dest="output_option", default=None,
+        help="the output file, as `fabric consolidate` takes it (default: CKPT_DIR.consolidated)",
+    )  # fmt: skip
+    consolidate.add_argument("--overwrite", action="store_true", help="replace OUT_FILE if it exists")
+    consolidate.set_defaults(handler=functools.partial(_consolidate_command, usage_error=consolidate.error))
     return parser
+
+
+def _consolidate_command(ns: argparse.Namespace, usage_error: Callable[[str], NoReturn]) -> int:
+    from handloom.checkpoint.consolidate import consolidate
+
+    if ns.output_file is not None and ns.output_option is not None and ns.output_file != ns.output_option:
+        usage_error(f"OUT_FILE {ns.output_file!r} and --output_file {ns.output_option!r} differ; give one.")
+    output = ns.output_file or ns.output_option or f"{ns.checkpoint_dir.rstrip('/')}.consolidated"
+    try:
+        written = consolidate(ns.checkpoint_dir, output, overwrite=ns.overwrite)
+    except (FileNotFoundError, FileExistsError) as err:
+        print(f"handloom consolidate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"Wrote {written}")
+    return 0
 
 
 def resolve_num_processes(ns: argparse.Namespace, num_cuda_devices: int = 0) -> int:

@@ -219,3 +219,54 @@ def broadcast(obj: Any, src: int, device: torch.device, group: Any = None) -> An
     box = [obj if rank == src else None]
     dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
+
+
+def new_side_group(timeout: timedelta) -> Any:
+    """A gloo group over all ranks for coordination kept apart from training's collectives.
+
+    Every rank must call this, in the same order. ``None`` without a multi-process group.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def await_ranks(group: Any, timeout: timedelta, *, what: str, owner: object) -> None:
+    """Return once every rank has reached this call; raise within ``timeout`` naming those that did not.
+
+    ``torch.distributed.monitored_barrier`` (gloo) does the waiting, so a call made by only some
+    ranks, such as a collective save under ``if fabric.is_global_zero:``, fails fast instead of
+    hanging until the process-group timeout.
+
+    Raises:
+        RuntimeError: Some ranks did not arrive in time; the message names them and the fix.
+    """
+    if group is None:
+        return
+    try:
+        dist.monitored_barrier(group=group, timeout=timeout, wait_all_ranks=True)
+    except RuntimeError as err:
+        seconds = f"{timeout.total_seconds():g} s"
+        rank = dist.get_rank()
+        if rank == 0:
+            missing = _missing_ranks(str(err))
+            who = f"rank(s) {missing}" if missing else "some ranks"
+            waited = f"{who} did not call it within {seconds}"
+        else:
+            waited = f"rank 0 did not call it within {seconds} (seen from rank {rank})"
+        name = type(owner).__name__
+        raise RuntimeError(
+            f"{what} under {name} is collective: every rank must call it, but {waited}."
+            " If the call sits inside `if fabric.is_global_zero:`, move it out: under a sharded strategy"
+            " every rank writes its own shards (rank 0 alone writes the metadata). If those ranks were"
+            f" only slower (work done on some ranks just before the save), raise {name}(save_timeout=...)."
+        ) from err
+
+
+def _missing_ranks(message: str) -> list[int]:
+    import re
+
+    match = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
+    if match is None:
+        return []
+    return [int(part) for part in match.group(1).replace(" ", "").split(",") if part]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from handloom import checkpoint, launcher, validation
 from handloom.apply import apply_to_tensors, move_data_to_device
+from handloom.checkpoint.session import CheckpointSession
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
 from handloom.loggers import _fabric as _loggers
@@ -81,6 +82,7 @@ class Fabric:
         self._loggers: list[Any] = _loggers.check_loggers(validation.as_list(loggers))
         self._launched = False
         self._setup_objects: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._checkpoints = self._new_checkpoint_session()
         if self._plan.launch in ("none", "external"):
             self._bind(self._plan.topology)
         if type(self).run is not Fabric.run:
@@ -172,6 +174,7 @@ class Fabric:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_setup_objects"] = None
+        state["_checkpoints"] = None
         state["_launched"] = False
         state.pop("run", None)
         return state
@@ -179,6 +182,10 @@ class Fabric:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._setup_objects = weakref.WeakSet()
+        self._checkpoints = self._new_checkpoint_session()
+
+    def _new_checkpoint_session(self) -> CheckpointSession:
+        return CheckpointSession(self._strategy, lambda: self._finalize_loggers("failed"))
 
     # --- properties -----------------------------------------------------------------------------
     @property
@@ -355,7 +362,9 @@ class Fabric:
             # DataLoader does not guard worker_init_fn after construction; the user's loader is untouched.
             loader.worker_init_fn = seed.WorkerSeeder(self.global_rank, base_seed, loader.worker_init_fn)
         device = self.device if move and self.device.type != "cpu" else None
-        return _FabricDataLoader(loader, device)
+        wrapped = _FabricDataLoader(loader, device)
+        self._checkpoints.add_loader(wrapped)
+        return wrapped
 
     # --- the training step ----------------------------------------------------------------------
     def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
@@ -567,32 +576,80 @@ class Fabric:
         finalize_all(self._loggers, status)
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike[str], state: dict[str, Any], filter: Any = None) -> None:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        state: dict[str, Any],
+        filter: Any = None,
+        *,
+        resume_state: bool = True,
+        async_save: bool = False,
+    ) -> None:
         """Save ``state`` (modules, optimizers, other stateful objects, plain values).
 
         Single device and DDP: one file, written atomically by global rank 0 with no collective, so
         calling it inside ``if fabric.is_global_zero:`` is fine. Sharded strategies: every rank must
-        call it; the default writes a directory of shards that loads on any number of processes,
-        ``state_dict_type="full"`` one file for ``torch.load``.
+        call it (a call from only some ranks raises within ``save_timeout``); the default writes a
+        directory of shards, staged and committed, that loads on any number of processes;
+        ``state_dict_type="full"`` writes one file for ``torch.load``.
+
+        Args:
+            path: The checkpoint file (or directory, for sharded checkpoints).
+            state: What to save; the key ``"handloom"`` is reserved.
+            filter: Per-key functions ``(name, value) -> bool`` selecting entries of a state dict.
+            resume_state: Also record random states, dataloader positions and the gradient scaler
+                (under ``"handloom"``), so ``fabric.load`` resumes exactly. Metadata (versions,
+                world size, strategy, precision, time) is recorded either way.
+            async_save: Return once the state is copied to host memory and write in the background.
+                One save is in flight at a time; a failure is raised by the next save or load, when a
+                launched worker returns, or at exit (status 1).
+
+        Raises:
+            TypeError: ``state`` is not a dict, or ``filter`` is not a dict of functions.
+            ValueError: ``state`` uses the reserved key, or ``filter`` names a missing key.
+            handloom.checkpoint.CheckpointSaveError: The previous background save failed.
         """
-        self._strategy.save_checkpoint(path, state, filter, self._set_up_modules())
+        self._checkpoints.save(
+            path, state, filter, self._set_up_modules(), resume_state=resume_state, async_save=async_save
+        )
 
     def _set_up_modules(self) -> list[torch.nn.Module]:
         return [obj for obj in list(self._setup_objects) if isinstance(obj, torch.nn.Module)]
 
     def load(
-        self, path: str | os.PathLike[str], state: dict[str, Any] | None = None, strict: bool = True
+        self,
+        path: str | os.PathLike[str],
+        state: dict[str, Any] | None = None,
+        strict: bool = True,
+        *,
+        resume_state: bool = True,
+        weights_only: bool = True,
     ) -> Any:
         """Restore the objects in ``state`` in place; return what the checkpoint holds beyond them.
 
         With ``state=None`` the whole checkpoint is returned. Files and sharded directories load
         under any strategy; a sharded checkpoint is resharded to this job's number of processes.
-        """
-        return self._strategy.load_checkpoint(path, state, strict, self._set_up_modules())
 
-    def load_raw(self, path: str | os.PathLike[str], obj: Any, strict: bool = True) -> None:
+        Args:
+            path: A checkpoint file or sharded directory.
+            state: The objects to restore, by the keys they were saved under.
+            strict: Every key of ``state`` must be in the checkpoint, and module keys must match.
+            resume_state: Also restore random states, dataloader positions (applied to loaders set
+                up before or after this call, by setup order) and the gradient scaler, if the
+                checkpoint has them. Pass ``False`` to load weights for fine-tuning.
+            weights_only: Read with ``torch.load(weights_only=True)``, which refuses arbitrary
+                pickled objects. For a checkpoint you trust that holds such objects, register their
+                classes with ``torch.serialization.add_safe_globals`` or pass ``False``.
+        """
+        return self._checkpoints.load(
+            path, state, strict, self._set_up_modules(), resume_state=resume_state, weights_only=weights_only
+        )
+
+    def load_raw(
+        self, path: str | os.PathLike[str], obj: Any, strict: bool = True, *, weights_only: bool = True
+    ) -> None:
         """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
-        data = checkpoint.read_checkpoint(path, mmap=True)
+        data = checkpoint.read_checkpoint(path, mmap=True, weights_only=weights_only)
         target = obj.module if isinstance(obj, _FabricModule) else obj
         if isinstance(target, torch.nn.Module) and _is_sharded(target):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -610,6 +667,7 @@ def _run_then_finalize_loggers(
     """Run a launched worker function, then finalise the loggers (workers skip atexit hooks)."""
     try:
         result = function(fabric, *args, **kwargs)
+        fabric._checkpoints.wait()  # a background save must land before the worker exits
     except BaseException:
         fabric._finalize_loggers("failed")
         raise

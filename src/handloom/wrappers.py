@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -231,13 +231,23 @@ class _FabricOptimizer:
 class _FabricDataLoader:
     """The set-up loader: sets the sampler's epoch on each pass and moves batches to the device.
 
+    It also counts the batches handed out in the current pass, so a checkpoint can record where
+    the loader stands and a resumed run can continue from there (:mod:`handloom.data_resume`).
     Attributes of the DataLoader (``dataset``, ``batch_size``, ``sampler``, ...) read through.
     """
+
+    _OWN = frozenset(
+        ("_dataloader", "_device", "_num_iter_calls", "_position", "_finished", "_snapshot", "_resume")
+    )
 
     def __init__(self, dataloader: DataLoader[Any], device: torch.device | None) -> None:
         self._dataloader = dataloader
         self._device = device
         self._num_iter_calls = 0
+        self._position = 0
+        self._finished = False
+        self._snapshot: dict[str, Any] | None = None
+        self._resume: tuple[int, dict[str, Any]] | None = None
 
     @property
     def device(self) -> torch.device | None:
@@ -253,22 +263,65 @@ class _FabricDataLoader:
         return len(self._dataloader)
 
     def __iter__(self) -> Iterator[Any]:
+        from handloom import data_resume
         from handloom.data import set_sampler_epoch
 
         set_sampler_epoch(self._dataloader, self._num_iter_calls)
         self._num_iter_calls += 1
-        if self._device is None:
-            return iter(self._dataloader)
-        return self._moving_iter(self._device)
+        self._position = 0
+        self._finished = False
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            position, self._snapshot = resume
+            self._position = position
+            return self._counting(data_resume.resume_pass(self._dataloader, position, self._snapshot))
+        self._snapshot = data_resume.pass_snapshot(self._dataloader)
+        return self._counting(iter(self._dataloader))
 
-    def _moving_iter(self, device: torch.device) -> Iterator[Any]:
-        for batch in self._dataloader:
-            yield move_data_to_device(batch, device)
+    def _counting(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        device = self._device
+        for batch in iterator:
+            self._position += 1
+            yield batch if device is None else move_data_to_device(batch, device)
+        self._finished = True
+
+    def progress_state(self) -> dict[str, Any]:
+        """Where this loader stands: passes started, batches handed out in the current one, ..."""
+        length = _length_or_none(self._dataloader)
+        finished = self._finished or (length is not None and self._position >= length)
+        return {
+            "passes": self._num_iter_calls,
+            "position": self._position,
+            "finished": finished or self._num_iter_calls == 0,
+            "length": length,
+            "snapshot": self._snapshot,
+        }
+
+    def restore_progress(self, state: Mapping[str, Any], *, saved_world_size: int, world_size: int) -> None:
+        """Continue from ``state``: the next pass re-enters the interrupted one where it stopped."""
+        passes = int(state["passes"])
+        if state["finished"] or state["snapshot"] is None:
+            self._num_iter_calls = passes
+            self._resume = None
+            return
+        position = int(state["position"])
+        if saved_world_size != world_size:
+            # Batches are per rank; keep the number of samples consumed across all ranks.
+            position = position * saved_world_size // world_size
+        self._num_iter_calls = passes - 1
+        self._resume = (position, state["snapshot"])
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_dataloader", "_device", "_num_iter_calls"):
+        if name.startswith("__") or name in _FabricDataLoader._OWN:
             raise AttributeError(name)
         return getattr(self._dataloader, name)
+
+
+def _length_or_none(loader: DataLoader[Any]) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def compiled_original(module: torch.nn.Module) -> torch.nn.Module | None:

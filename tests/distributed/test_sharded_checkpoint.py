@@ -142,7 +142,7 @@ def test_incomplete_sharded_directory_is_a_clear_error(
     broken.mkdir()
     (broken / ".metadata").write_bytes((directory / "sharded" / ".metadata").read_bytes())
     model = nn.Sequential(nn.Linear(5, 12), nn.ReLU(), nn.Linear(12, 3))
-    with pytest.raises(FileNotFoundError, match=r"broken.*without meta\.pt"):
+    with pytest.raises(FileNotFoundError, match=r"broken.*without handloom\.json"):
         Fabric(accelerator="cpu", devices=1).load(broken, {"model": model})
 
 

@@ -18,16 +18,20 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from handloom import checkpoint as single_file
+from handloom.checkpoint import staging
 from handloom.sharding import optim as optim_keys
 from handloom.wrappers import unwrap
 
+if TYPE_CHECKING:
+    from handloom.checkpoint.state import SaveRequest
+
 META_FILE = "meta.pt"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Filter = Mapping[str, Callable[[str, Any], bool]] | None
 
@@ -77,96 +81,102 @@ def _only(filter: Filter, keys: Mapping[str, Any]) -> Filter:
     return {key: fn for key, fn in filter.items() if key in keys}
 
 
-def save_sharded(
-    path: str | os.PathLike[str],
-    state: Mapping[str, Any],
-    filter: Filter,
-    *,
-    candidates: list[torch.nn.Module],
-    description: dict[str, Any],
-) -> None:
-    """Write ``state`` as a DCP directory at ``path``. Every rank must call this."""
-    import torch.distributed as dist
+def _tensor_state(
+    state: Mapping[str, Any], filter: Filter, candidates: list[torch.nn.Module], options: Any = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model and optimizer state dicts, everything else)`` for this rank."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-    from torch.distributed.checkpoint.state_dict_saver import save
 
-    single_file.check_filter(state, filter)
     modules, optimizers, rest = _split(state)
-    owners = {**modules}
     tensors: dict[str, Any] = {}
     for key, module in modules.items():
-        tensors[key] = single_file.apply_filter(key, get_model_state_dict(module), filter)
-    for key, optimizer in optimizers.items():
-        owner = owner_of(optimizer, key, [*owners.values(), *candidates])
-        tensors[key] = single_file.apply_filter(key, get_optimizer_state_dict(owner, optimizer), filter)
-    target = Path(path)
-    if target.is_file():
-        raise FileExistsError(
-            f"fabric.save({str(target)!r}) writes a sharded checkpoint, which is a directory, but a file"
-            " exists at that path. Choose another path or remove the file."
-        )
-    save(tensors, checkpoint_id=target)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        meta = {
-            "handloom": {**description, "format": FORMAT_VERSION, "tensor_keys": sorted(tensors)},
-            "state": single_file.collect_state(rest, _only(filter, rest)),
-        }
-        single_file.write_atomic(target / META_FILE, meta)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def save_full(
-    path: str | os.PathLike[str],
-    state: Mapping[str, Any],
-    filter: Filter,
-    *,
-    candidates: list[torch.nn.Module],
-) -> None:
-    """Gather the full state to rank 0 and write it as one ``torch.save`` file. Every rank must call this."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    single_file.check_filter(state, filter)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    modules, optimizers, rest = _split(state)
-    payload: dict[str, Any] = {}
-    for key, module in modules.items():
-        payload[key] = single_file.apply_filter(key, get_model_state_dict(module, options=options), filter)
+        tensors[key] = single_file.apply_filter(key, get_model_state_dict(module, options=options), filter)
     for key, optimizer in optimizers.items():
         owner = owner_of(optimizer, key, [*modules.values(), *candidates])
         full = get_optimizer_state_dict(owner, optimizer, options=options)
-        if full:  # only rank 0 receives the gathered state
-            payload[key] = single_file.apply_filter(
-                key, optim_keys.to_position_keyed(full, optimizer, owner), filter
-            )
+        if options is not None and getattr(options, "full_state_dict", False):
+            if not full:  # only rank 0 receives a gathered full state
+                continue
+            full = optim_keys.to_position_keyed(full, optimizer, owner)
+        tensors[key] = single_file.apply_filter(key, full, filter)
+    return tensors, rest
+
+
+def save_sharded(request: SaveRequest, group: Any, resume_state: dict[str, Any]) -> None:
+    """Write a DCP directory at ``request.path``: staged, then committed (see :mod:`.staging`).
+
+    Every rank calls this after :func:`handloom.distributed.await_ranks` and after rank 0 prepared
+    the staging directory. ``resume_state`` (rank 0) is the gathered value for ``RESUME_KEY``.
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict_saver import async_save, save
+
+    from handloom.checkpoint import background, resume
+
+    target = Path(request.path)
+    tensors, rest = _tensor_state(request.state, request.filter, request.modules)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    meta: dict[str, Any] = {}
+    if rank == 0:
+        meta = {
+            "handloom": {"format": FORMAT_VERSION, "tensor_keys": sorted(tensors)},
+            "state": {
+                **single_file.collect_state(rest, _only(request.filter, rest)),
+                resume.RESUME_KEY: resume_state,
+            },
+        }
+    marker = {**resume_state["meta"], "format": FORMAT_VERSION}
+    folder = staging.staging_path(target)
+
+    def finish() -> None:
+        if rank == 0:
+            single_file.write_atomic(folder / META_FILE, meta)
+            staging.commit(target, marker)
+
+    if not request.async_save:
+        save(tensors, checkpoint_id=folder, process_group=group)
+        finish()
+        if dist.is_initialized():
+            dist.barrier(group=group)
+        return
+    meta = background.host_copy(meta)
+    response = async_save(tensors, checkpoint_id=folder, process_group=group)
+    future: Any = getattr(response, "upload_completion", response)  # a Future, or in AsyncSaveResponse
+
+    def complete() -> None:
+        future.result()  # on rank 0 this returns once every rank's shards and the index are written
+        finish()
+
+    background.submit(str(target), complete)
+
+
+def save_full(request: SaveRequest, resume_state: dict[str, Any]) -> None:
+    """Gather the full state to rank 0 and write it as one ``torch.save`` file. Every rank calls this."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from handloom.checkpoint import background, resume
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    tensors, rest = _tensor_state(request.state, request.filter, request.modules, options)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        payload.update(single_file.collect_state(rest, _only(filter, rest)))
-        single_file.write_atomic(path, payload)
-    if dist.is_initialized():
+        payload = {**tensors, **single_file.collect_state(rest, _only(request.filter, rest))}
+        payload[resume.RESUME_KEY] = resume_state
+        background.write_file(Path(request.path), payload, request.async_save)
+    if dist.is_initialized() and not request.async_save:
         dist.barrier()
 
 
 def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
-    """True when ``path`` is a directory written by :func:`save_sharded`."""
-    return Path(path).is_dir()
+    """True when ``path`` is (or, after an interrupted commit, stands for) a sharded checkpoint directory."""
+    return staging.readable(Path(path)).is_dir()
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{str(path)!r} is a directory without {META_FILE}, so it is not a complete handloom sharded"
-            " checkpoint (it may be from an interrupted save, or written by another tool). Load another"
-            " checkpoint."
-        )
-    return single_file.read_checkpoint(meta_path)
+def _read_meta(path: Path, weights_only: bool = True) -> dict[str, Any]:
+    if not staging.is_complete(path) or not (path / META_FILE).is_file():
+        raise FileNotFoundError(staging.incomplete_message(path))
+    return single_file.read_checkpoint(path / META_FILE, weights_only=weights_only)
 
 
 def _check_keys(state: Mapping[str, Any], available: set[str], path: Path, strict: bool) -> None:
@@ -184,6 +194,7 @@ def load_sharded(
     strict: bool,
     *,
     candidates: list[torch.nn.Module],
+    weights_only: bool = True,
 ) -> dict[str, Any]:
     """Load a DCP directory into the objects of ``state`` (resharding as needed); return the rest.
 
@@ -200,7 +211,7 @@ def load_sharded(
     from torch.distributed.checkpoint.state_dict_loader import load
 
     target = Path(path)
-    meta = _read_meta(target)
+    meta = _read_meta(target, weights_only)
     saved_state: dict[str, Any] = meta["state"]
     tensor_keys = set(meta["handloom"]["tensor_keys"])
     _check_keys(state, tensor_keys | set(saved_state), target, strict)
@@ -244,6 +255,7 @@ def load_full_into_sharded(
     strict: bool,
     *,
     candidates: list[torch.nn.Module],
+    weights_only: bool = True,
 ) -> dict[str, Any]:
     """Load a one-file checkpoint (full state) into sharded modules and optimizers; return the rest."""
     from torch.distributed.checkpoint.state_dict import (
@@ -252,7 +264,7 @@ def load_full_into_sharded(
         set_optimizer_state_dict,
     )
 
-    data = single_file.read_checkpoint(path, mmap=True)
+    data = single_file.read_checkpoint(path, mmap=True, weights_only=weights_only)
     _check_keys(state, set(data), Path(path), strict)
     modules, optimizers, rest = _split(state)
     options = StateDictOptions(full_state_dict=True, strict=strict)
@@ -273,7 +285,7 @@ def load_full_into_sharded(
     return _restore_rest(state, rest, data, strict, exclude=loaded)
 
 
-def read_sharded(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_sharded(path: str | os.PathLike[str], weights_only: bool = True) -> dict[str, Any]:
     """Read a whole DCP directory into plain, full CPU tensors (``fabric.load(path)`` without state).
 
     ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save`` merges the shards into a
@@ -284,7 +296,7 @@ def read_sharded(path: str | os.PathLike[str]) -> dict[str, Any]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     target = Path(path)
-    meta = _read_meta(target)
+    meta = _read_meta(target, weights_only)
     with tempfile.TemporaryDirectory(prefix="handloom-read-") as scratch:
         merged = Path(scratch) / "merged.pt"
         with warnings.catch_warnings():

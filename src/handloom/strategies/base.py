@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from handloom.environments import Topology
 from handloom.precision import PrecisionPolicy
 
 if TYPE_CHECKING:
+    from handloom.checkpoint.state import SaveRequest
     from handloom.devices import AcceleratorName, HardwareProbe
 
 
@@ -204,19 +205,27 @@ class Strategy:
         )
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(
-        self,
-        path: str | os.PathLike[str],
-        state: Mapping[str, Any],
-        filter: Mapping[str, Callable[[str, Any], bool]] | None,
-        modules: list[torch.nn.Module],
-    ) -> None:
-        """Write ``state`` to one file from global rank 0; no collective, so rank 0 may call it alone."""
-        from handloom import checkpoint
+    def describe(self) -> dict[str, Any]:
+        """The metadata every checkpoint records: versions, world size, strategy, precision, time."""
+        from handloom.checkpoint import resume
 
-        payload = checkpoint.collect_state(state, filter)
-        if self.global_rank == 0:
-            checkpoint.write_atomic(path, payload)
+        return resume.describe(
+            strategy=type(self).__name__, precision=self.runtime.precision.name, world_size=self.world_size
+        )
+
+    def save_checkpoint(self, request: SaveRequest) -> None:
+        """Write one file from global rank 0; no collective, so rank 0 may call it alone."""
+        from handloom.checkpoint import background, resume, state
+
+        state.check_filter(request.state, request.filter)
+        if self.global_rank != 0:
+            background.wait()
+            return
+        payload = state.collect_state(request.state, request.filter)
+        ranks = {} if request.resume is None else {self.global_rank: request.resume}
+        scaler = None if request.resume is None else self.amp.scaler
+        payload[resume.RESUME_KEY] = resume.build(self.describe(), ranks, scaler)
+        background.write_file(request.path, payload, request.async_save)
 
     def load_checkpoint(
         self,
@@ -224,16 +233,21 @@ class Strategy:
         state: dict[str, Any] | None,
         strict: bool,
         modules: list[torch.nn.Module],
+        weights_only: bool = True,
     ) -> Any:
         """Restore ``state`` in place from a file, or from a sharded directory (resharded to this process)."""
         from handloom import checkpoint
+        from handloom.checkpoint import staging
         from handloom.sharding import checkpoint as sharded
 
-        if Path(path).is_dir():
+        readable = staging.readable(Path(path))
+        if readable.is_dir():
             if state is None:
-                return sharded.read_sharded(path)
-            return sharded.load_sharded(path, state, strict, candidates=modules)
-        data = checkpoint.read_checkpoint(path)
+                return sharded.read_sharded(readable, weights_only=weights_only)
+            return sharded.load_sharded(
+                readable, state, strict, candidates=modules, weights_only=weights_only
+            )
+        data = checkpoint.read_checkpoint(path, weights_only=weights_only)
         if state is None:
             return data
         return checkpoint.restore_state(state, data, strict)

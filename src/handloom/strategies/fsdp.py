@@ -15,7 +15,7 @@ from handloom.amp import AmpRunner
 from handloom.sharding import layout as layouts
 from handloom.sharding.policy import resolve_module_policy
 from handloom.strategies.base import Runtime
-from handloom.strategies.parallel import DEFAULT_TIMEOUT
+from handloom.strategies.parallel import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT
 from handloom.strategies.sharded import ShardedStrategy
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class FSDPStrategy(ShardedStrategy):
         device_mesh: ``(replicate, shard)`` sizes, or a ``DeviceMesh``, for hybrid sharding.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...
         timeout: How long a collective may wait for the other ranks.
+        save_timeout: How long ``fabric.save`` waits for every rank to call it (it is collective
+            here) before it raises an error naming the ranks that did not; default 15 s.
         start_method: How handloom starts processes: ``"popen"`` (re-run the script, default),
             ``"spawn"`` or ``"fork"`` (run ``fabric.launch(fn)``).
         **kwargs: Passed to ``fully_shard`` (``reshard_after_forward``, ``shard_placement_fn``, ...).
@@ -87,10 +89,15 @@ class FSDPStrategy(ShardedStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
+        save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            layouts.resolve_state_dict_type(state_dict_type), process_group_backend, timeout, start_method
+            layouts.resolve_state_dict_type(state_dict_type),
+            process_group_backend,
+            timeout,
+            start_method,
+            save_timeout,
         )
         owner = type(self).__name__
         self.auto_wrap_policy = resolve_module_policy(

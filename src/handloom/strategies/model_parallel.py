@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from handloom.strategies.parallel import DEFAULT_TIMEOUT
+from handloom.strategies.parallel import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT
 from handloom.strategies.sharded import ShardedStrategy
 
 if TYPE_CHECKING:
@@ -72,6 +72,8 @@ class ModelParallelStrategy(ShardedStrategy):
             full file.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...
         timeout: How long a collective may wait for the other ranks.
+        save_timeout: How long ``fabric.save`` waits for every rank to call it (it is collective
+            here) before it raises an error naming the ranks that did not; default 15 s.
         start_method: ``"popen"`` (default), ``"spawn"`` or ``"fork"``.
 
     Raises:
@@ -91,9 +93,14 @@ class ModelParallelStrategy(ShardedStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
+        save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
     ) -> None:
         super().__init__(
-            "sharded" if save_distributed_checkpoint else "full", process_group_backend, timeout, start_method
+            "sharded" if save_distributed_checkpoint else "full",
+            process_group_backend,
+            timeout,
+            start_method,
+            save_timeout,
         )
         if not callable(parallelize_fn):
             raise TypeError(

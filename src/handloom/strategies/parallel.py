@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
 DEFAULT_TIMEOUT = timedelta(minutes=30)
+# How long a collective save waits for every rank to call it before saying which ranks did not.
+DEFAULT_SAVE_TIMEOUT = timedelta(seconds=15)
 
 
 class ParallelStrategy(Strategy):

@@ -6,15 +6,19 @@ import contextlib
 import os
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import override
 
 from handloom.strategies.base import SetupResult
 from handloom.strategies.parallel import ParallelStrategy
+
+if TYPE_CHECKING:
+    from handloom.checkpoint.state import SaveRequest
 
 
 def _unwrap_compiled(module: torch.nn.Module) -> tuple[torch.nn.Module, Callable[..., Any] | None]:
@@ -61,9 +65,17 @@ class ShardedStrategy(ParallelStrategy):
         process_group_backend: str | None,
         timeout: Any,
         start_method: str,
+        save_timeout: timedelta,
     ) -> None:
         super().__init__(process_group_backend, timeout, start_method)
+        if not isinstance(save_timeout, timedelta) or save_timeout.total_seconds() <= 0:
+            raise TypeError(
+                f"{type(self).__name__}(save_timeout={save_timeout!r}) must be a positive"
+                " datetime.timedelta, for example timedelta(seconds=60)."
+            )
         self.state_dict_type = state_dict_type
+        self.save_timeout = save_timeout
+        self._checkpoint_group: Any = None
         # Sharding places parameters itself (fully_shard moves each unit as it shards it).
         self.places_module_on_setup = True
         # id -> (weak reference, path) of parameters that sharding replaced; see setup_optimizer.
@@ -157,6 +169,7 @@ class ShardedStrategy(ParallelStrategy):
         state = super().__getstate__()
         state["_replaced"] = {}  # weak references, and only meaningful in the process that set up
         state["_mesh"] = None
+        state["_checkpoint_group"] = None
         return state
 
     # --- the training step ----------------------------------------------------------------------
@@ -175,30 +188,43 @@ class ShardedStrategy(ParallelStrategy):
         return clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite)
 
     # --- checkpoints ----------------------------------------------------------------------------
-    def _description(self) -> dict[str, Any]:
-        from handloom._version import __version__
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        from handloom import distributed
 
-        return {
-            "handloom_version": __version__,
-            "world_size": self.world_size,
-            "strategy": type(self).__name__,
-            "precision": self.runtime.precision.name,
-        }
+        # Checkpoint coordination (arrival check, resume-state gather, DCP's async-save
+        # collectives from a background thread) runs on its own gloo group, apart from training.
+        self._checkpoint_group = distributed.new_side_group(self.timeout)
 
     @override
-    def save_checkpoint(
-        self,
-        path: str | os.PathLike[str],
-        state: Mapping[str, Any],
-        filter: Mapping[str, Callable[[str, Any], bool]] | None,
-        modules: list[torch.nn.Module],
-    ) -> None:
+    def save_checkpoint(self, request: SaveRequest) -> None:
+        import torch.distributed as dist
+
+        from handloom import distributed
+        from handloom.checkpoint import background, resume, staging
+        from handloom.checkpoint import state as user_state
         from handloom.sharding import checkpoint as sharded
 
-        if self.state_dict_type == "full":
-            sharded.save_full(path, state, filter, candidates=modules)
+        user_state.check_filter(request.state, request.filter)
+        background.wait()
+        if self.global_rank == 0 and self.state_dict_type == "sharded":
+            staging.prepare(request.path)
+        group = self._checkpoint_group
+        what = f"fabric.save({str(request.path)!r})"
+        distributed.await_ranks(group, self.save_timeout, what=what, owner=self)
+        entries: list[Any] = [None] * self.world_size
+        if dist.is_initialized() and self.world_size > 1:
+            dist.all_gather_object(entries, request.resume, group=group)
         else:
-            sharded.save_sharded(path, state, filter, candidates=modules, description=self._description())
+            entries = [request.resume]
+        ranks = {rank: entry for rank, entry in enumerate(entries) if entry is not None}
+        scaler = self.amp.scaler if request.resume is not None else None
+        resume_state = resume.build(self.describe(), ranks, scaler)
+        if self.state_dict_type == "full":
+            sharded.save_full(request, resume_state)
+        else:
+            sharded.save_sharded(request, group, resume_state)
 
     @override
     def load_checkpoint(
@@ -207,9 +233,12 @@ class ShardedStrategy(ParallelStrategy):
         state: dict[str, Any] | None,
         strict: bool,
         modules: list[torch.nn.Module],
+        weights_only: bool = True,
     ) -> Any:
         from handloom.sharding import checkpoint as sharded
 
         if state is None or sharded.is_sharded_checkpoint(path):
-            return super().load_checkpoint(path, state, strict, modules)
-        return sharded.load_full_into_sharded(path, state, strict, candidates=modules)
+            return super().load_checkpoint(path, state, strict, modules, weights_only)
+        return sharded.load_full_into_sharded(
+            path, state, strict, candidates=modules, weights_only=weights_only
+        )

@@ -1,15 +1,9 @@
-"""Single-file checkpoints (single-device and DDP training, and full checkpoints of sharded models).
-
-Writes are atomic: the file is written under a temporary name in the target's directory, flushed,
-fsynced and renamed over the target, so a crash mid-write leaves the previous checkpoint intact.
-Loads use ``torch.load(weights_only=True)``.
-"""
+"""Turning a user's ``state`` into plain state dicts for a checkpoint, and restoring it in place."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -71,53 +65,6 @@ def collect_state(
     return out
 
 
-def write_atomic(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Save ``payload`` with ``torch.save`` to ``path`` so readers see the old file or the new one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def read_checkpoint(
-    path: str | os.PathLike[str], *, weights_only: bool = True, mmap: bool = False
-) -> dict[str, Any]:
-    """Read a checkpoint file onto the CPU (memory-mapped with ``mmap``, so memory stays bounded).
-
-    Raises:
-        FileNotFoundError: No file at ``path``.
-        RuntimeError: The file is truncated or not a checkpoint; the message names the file.
-    """
-    target = Path(path)
-    if not target.is_file():
-        raise FileNotFoundError(f"No checkpoint file at {str(target)!r}. Check the path, or save one first.")
-    try:
-        data = torch.load(target, map_location="cpu", weights_only=weights_only, mmap=mmap)
-    except Exception as err:
-        raise RuntimeError(
-            f"Could not read the checkpoint {str(target)!r}: {err}. The file may be truncated or not"
-            " written by torch.save; load another checkpoint."
-        ) from err
-    if not isinstance(data, dict):
-        raise RuntimeError(
-            f"The checkpoint {str(target)!r} holds a {type(data).__name__}, not a dict of state."
-        )
-    return data
-
-
 def restore_state(state: dict[str, Any], checkpoint: dict[str, Any], strict: bool) -> dict[str, Any]:
     """Load ``checkpoint`` into the objects of ``state`` in place; return the keys ``state`` did not ask for.
 
@@ -141,3 +88,45 @@ def restore_state(state: dict[str, Any], checkpoint: dict[str, Any], strict: boo
         else:
             state[key] = checkpoint[key]
     return {key: value for key, value in checkpoint.items() if key not in state}
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """One ``fabric.save`` call, as the strategy receives it.
+
+    Attributes:
+        path: Where the checkpoint goes.
+        state: The user's state (wrapped or plain modules, optimizers, other objects, values).
+        filter: Per-key ``(name, value) -> bool`` selections, or ``None``.
+        modules: The modules set up with this Fabric (to find an optimizer's model).
+        resume: This rank's resume entry (random states, loader progress), or ``None`` to leave
+            the resume state out.
+        async_save: Return once the state is in host memory and write in the background.
+    """
+
+    path: Path
+    state: Mapping[str, Any]
+    filter: Mapping[str, Callable[[str, Any], bool]] | None
+    modules: list[torch.nn.Module]
+    resume: dict[str, Any] | None
+    async_save: bool
+
+
+def check_user_state(state: object, reserved: str) -> None:
+    """Reject a ``state`` that is not a dict, or that uses the key handloom reserves.
+
+    Raises:
+        TypeError: ``state`` is not a dict with string keys.
+        ValueError: ``state`` has the reserved key.
+    """
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"fabric.save(path, state) needs a dict for state, got {type(state).__name__}."
+            ' Put the objects to save in a dict, for example {"model": model, "optimizer": optimizer}.'
+        )
+    if reserved in state:
+        raise ValueError(
+            f"fabric.save(state={{{reserved!r}: ...}}): the key {reserved!r} is reserved for the resume"
+            " state handloom records (random states, dataloader positions, gradient scaler). Rename"
+            " your key."
+        )

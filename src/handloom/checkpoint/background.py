@@ -1,0 +1,123 @@
+"""Asynchronous saves: at most one write in flight per process, its failure raised, never dropped.
+
+``fabric.save(..., async_save=True)`` copies the state to host memory (:func:`host_copy`, or
+DCP's own staging for sharded state) and hands the write to :func:`submit`, which runs it on a
+background thread. The next save first waits for the one in flight (:func:`wait`) and raises its
+error; a launched worker function waits before it returns; and an exit hook installed by Fabric
+waits before the interpreter ends (:func:`wait_at_exit`). The write itself is the same crash-safe
+write as a blocking save.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background checkpoint write failed; the checkpoint it was writing does not exist."""
+
+
+class _Pending:
+    def __init__(self, path: str, work: Callable[[], None]) -> None:
+        self.path = path
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(work,), name="handloom-save", daemon=False)
+
+    def _run(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except BaseException as err:  # handed to the training thread by wait()
+            self.error = err
+
+
+_pending: _Pending | None = None
+_lock = threading.Lock()
+
+
+def submit(path: str, work: Callable[[], None]) -> None:
+    """Run ``work`` (which writes ``path``) in the background, after the save in flight has finished.
+
+    Raises:
+        CheckpointSaveError: The previous background save failed.
+    """
+    global _pending
+    wait()
+    pending = _Pending(path, work)
+    with _lock:
+        _pending = pending
+    pending.thread.start()
+
+
+def in_flight() -> str | None:
+    """The path being written in the background, if any."""
+    pending = _pending
+    return pending.path if pending is not None and pending.thread.is_alive() else None
+
+
+def wait() -> None:
+    """Block until the background save (if any) has finished.
+
+    Raises:
+        CheckpointSaveError: It failed; the message names the checkpoint and the cause.
+    """
+    global _pending
+    with _lock:
+        pending, _pending = _pending, None
+    if pending is None:
+        return
+    pending.thread.join()
+    if pending.error is not None:
+        raise CheckpointSaveError(
+            f"The background save of {pending.path!r} failed: {type(pending.error).__name__}:"
+            f" {pending.error}. That checkpoint was not written (any earlier checkpoint at that path is"
+            " intact). Fix the cause and save again."
+        ) from pending.error
+
+
+def host_copy(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors live in fresh CPU memory, so training can go on changing its own.
+
+    Tensors that share memory (tied weights) stay shared in the copy.
+    """
+    memo: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def copy(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            key = (value.device, value.untyped_storage().data_ptr(), value.storage_offset(), value.shape,
+                   value.stride(), value.dtype)  # fmt: skip
+            if key not in memo:
+                detached = value.detach()
+                memo[key] = detached.cpu() if detached.device.type != "cpu" else detached.clone()
+            return memo[key]
+        if isinstance(value, OrderedDict):
+            ordered = OrderedDict((k, copy(v)) for k, v in value.items())
+            if hasattr(value, "_metadata"):  # state_dict versions that load_state_dict reads
+                ordered._metadata = value._metadata  # type: ignore[attr-defined]
+            return ordered
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(copy(v) for v in value)
+        return value
+
+    return copy(obj)
+
+
+def write_file(path: Path, payload: dict[str, Any], async_save: bool) -> None:
+    """Write ``payload`` atomically at ``path``, now or (``async_save``) in the background."""
+    from handloom.checkpoint.io import write_atomic
+
+    if not async_save:
+        wait()
+        write_atomic(path, payload)
+        return
+    copied = host_copy(payload)
+    submit(str(path), lambda: write_atomic(path, copied))

@@ -1,0 +1,61 @@
+"""Merging a sharded checkpoint directory into one file that ``torch.load`` reads without handloom.
+
+The result holds, under the same keys as the sharded checkpoint, full model state dicts, optimizer
+state dicts in ``torch.optim``'s position-keyed form (so ``optimizer.load_state_dict`` takes them),
+the other saved values, and the resume state. It is written atomically. The whole state passes
+through CPU memory once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from handloom.checkpoint import staging
+from handloom.checkpoint.io import write_atomic
+
+
+def consolidate(
+    checkpoint_dir: str | os.PathLike[str], output_file: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write the full state of the sharded checkpoint ``checkpoint_dir`` to ``output_file``.
+
+    Raises:
+        FileNotFoundError: ``checkpoint_dir`` is not a complete sharded checkpoint.
+        FileExistsError: ``output_file`` exists and ``overwrite`` is false.
+    """
+    from handloom.sharding.checkpoint import read_sharded
+
+    source, target = Path(checkpoint_dir), Path(output_file)
+    if not source.is_dir():
+        what = "a file" if source.is_file() else "nothing"
+        raise FileNotFoundError(
+            f"handloom consolidate: {str(source)!r} is {what}, not a sharded checkpoint directory."
+            " Pass the directory fabric.save wrote under FSDP or ModelParallel."
+        )
+    if not staging.is_complete(source):
+        raise FileNotFoundError(staging.incomplete_message(source))
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"handloom consolidate: {str(target)!r} already exists. Choose another output file or pass"
+            " --overwrite."
+        )
+    data = read_sharded(source)
+    write_atomic(target, {key: _position_keyed(value) for key, value in data.items()})
+    return target
+
+
+def _position_keyed(value: Any) -> Any:
+    """An optimizer state dict keyed by parameter path becomes position-keyed; anything else passes."""
+    if not (isinstance(value, dict) and set(value) == {"state", "param_groups"}):
+        return value
+    groups = value["param_groups"]
+    names = [name for group in groups for name in group.get("params", [])]
+    if not names or not all(isinstance(name, str) for name in names):
+        return value
+    position = {name: index for index, name in enumerate(names)}
+    return {
+        "state": {position[name]: entry for name, entry in value["state"].items()},
+        "param_groups": [{**group, "params": [position[n] for n in group["params"]]} for group in groups],
+    }
