@@ -130,7 +130,9 @@ class _FabricModule(torch.nn.Module):
         return f"_FabricModule({self._original_module!r})"
 
 
-_OPTIMIZER_OWN = frozenset({"_optimizer", "_strategy", "_callbacks"})
+# "step" stays on the wrapper: an LR scheduler built on the set-up optimizer replaces ``step`` with
+# a tracking wrapper of it, which must not land on the original (its step would call itself).
+_OPTIMIZER_OWN = frozenset({"_optimizer", "_strategy", "_callbacks", "step"})
 
 
 class _FabricOptimizer:
@@ -274,26 +276,31 @@ class _FabricDataLoader:
         if resume is not None:
             position, self._snapshot = resume
             self._position = position
-            return self._counting(data_resume.resume_pass(self._dataloader, position, self._snapshot))
-        self._snapshot = data_resume.pass_snapshot(self._dataloader)
-        return self._counting(iter(self._dataloader))
+            iterator = data_resume.resume_pass(self._dataloader, position, self._snapshot)
+        else:
+            self._snapshot = data_resume.pass_snapshot(self._dataloader)
+            iterator = iter(self._dataloader)
+        return self._counting(iterator, self._num_iter_calls)
 
-    def _counting(self, iterator: Iterator[Any]) -> Iterator[Any]:
+    def _counting(self, iterator: Iterator[Any], pass_number: int) -> Iterator[Any]:
         device = self._device
-        for batch in iterator:
-            self._position += 1
-            yield batch if device is None else move_data_to_device(batch, device)
-        self._finished = True
+        try:
+            for batch in iterator:
+                self._position += 1
+                yield batch if device is None else move_data_to_device(batch, device)
+        finally:
+            # Exhausted, or abandoned (a `break` drops the iterator, which closes it): either way
+            # the next pass starts afresh. Only a pass still being iterated is resumed mid-way.
+            if pass_number == self._num_iter_calls:
+                self._finished = True
 
     def progress_state(self) -> dict[str, Any]:
         """Where this loader stands: passes started, batches handed out in the current one, ..."""
-        length = _length_or_none(self._dataloader)
-        finished = self._finished or (length is not None and self._position >= length)
         return {
             "passes": self._num_iter_calls,
             "position": self._position,
-            "finished": finished or self._num_iter_calls == 0,
-            "length": length,
+            "finished": self._finished or self._num_iter_calls == 0,
+            "length": _length_or_none(self._dataloader),
             "snapshot": self._snapshot,
         }
 

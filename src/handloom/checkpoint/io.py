@@ -11,9 +11,11 @@ errors into messages that name the file and say what is wrong with it.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
-import tempfile
+import re
+import secrets
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,10 @@ from typing import Any
 import torch
 
 TEMP_SUFFIX = ".tmp"
+# How a file written by torch.save(_use_new_zipfile_serialization=False) starts: the pickled magic
+# number (LONG1 opcode, 10 bytes), after the protocol header.
+_LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[2:-1]
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def temp_prefix(target: Path) -> str:
@@ -29,12 +35,35 @@ def temp_prefix(target: Path) -> str:
 
 
 def fsync_directory(path: Path) -> None:
-    """Make a rename or a new entry in the directory ``path`` durable."""
+    """Make a rename or a new entry in the directory ``path`` durable (where the file system can)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        # Some file systems (network mounts, FUSE) cannot fsync a directory; their renames are
+        # durable on their own terms, and failing the save over it would lose the checkpoint.
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
+
+
+def _create_temp(target: Path) -> Path:
+    """A new, empty temporary file beside ``target``, with the permissions a plain ``open`` would give.
+
+    ``tempfile.mkstemp`` would create it readable by its owner only (0600), and the rename would
+    carry that over to the checkpoint; here the process umask applies, as for ``torch.save(path)``.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = target.parent / f"{temp_prefix(target)}{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"Could not create a temporary file beside {str(target)!r}.")
 
 
 def write_atomic(path: str | os.PathLike[str], payload: Any) -> None:
@@ -46,15 +75,14 @@ def write_atomic(path: str | os.PathLike[str], payload: Any) -> None:
             " checkpoint) is at that path. Choose another path or remove the directory."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=TEMP_SUFFIX, dir=target.parent)
-    os.close(fd)
+    tmp = _create_temp(target)
     try:
-        torch.save(payload, tmp)  # a path, not a handle: torch writes it with its own C++ writer
+        torch.save(payload, str(tmp))  # a path, not a handle: torch writes it with its own C++ writer
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_directory(target.parent)
 
@@ -76,27 +104,30 @@ def read_checkpoint(
     try:
         data = torch.load(target, map_location="cpu", weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if not weights_only:
+        if not weights_only or not _is_torch_archive(target):
+            # Random or damaged bytes also fail the safe unpickler; loading them unsafely would
+            # not help, so they are reported as damage rather than as refused objects.
             raise RuntimeError(_corrupt_message(target, err)) from err
         raise pickle.UnpicklingError(
             f"The checkpoint {str(target)!r} holds pickled objects that a safe load refuses"
-            f" (torch.load(weights_only=True) said: {_first_line(err)}). If you trust the file, either"
-            " allow those classes with torch.serialization.add_safe_globals([...]) before loading,"
-            " or pass weights_only=False to fabric.load / fabric.load_raw."
+            f" ({_refusal(err)}). If you trust the file, either allow those classes with"
+            " torch.serialization.add_safe_globals([...]) before loading, or pass weights_only=False"
+            " to fabric.load / fabric.load_raw."
         ) from err
     except Exception as err:
         raise RuntimeError(_corrupt_message(target, err)) from err
     if not isinstance(data, dict):
         raise RuntimeError(
-            f"The checkpoint {str(target)!r} holds a {type(data).__name__}, not a dict of state."
-            " fabric.load reads files written by fabric.save or torch.save(dict); use"
-            " fabric.load_raw for a bare state_dict of one module."
+            f"The checkpoint {str(target)!r} holds a {type(data).__name__}, not a dict."
+            " fabric.load reads files written by fabric.save or torch.save(dict), and fabric.load_raw"
+            " a state_dict saved with torch.save(module.state_dict())."
         )
     return data
 
 
 def _missing_message(target: Path) -> str:
     leftovers = sorted(p.name for p in target.parent.glob(f"{temp_prefix(target)}*{TEMP_SUFFIX}"))
+    leftovers += [p.name for p in [target.parent / f"{temp_prefix(target)}staging"] if p.is_dir()]
     if leftovers:
         return (
             f"No checkpoint file at {str(target)!r}; only {leftovers[0]!r} is there, left by a save that"
@@ -119,6 +150,25 @@ def _corrupt_message(target: Path, err: BaseException) -> str:
         " The file is truncated or corrupted (handloom's own saves are atomic, so it was probably copied"
         " or written by another tool); load another checkpoint."
     )
+
+
+def _is_torch_archive(target: Path) -> bool:
+    """True for a whole ``torch.save`` file: a zip archive, or the legacy format's magic header."""
+    if zipfile.is_zipfile(target):
+        return True
+    with open(target, "rb") as handle:
+        return _LEGACY_MAGIC in handle.read(64)
+
+
+def _refusal(err: BaseException) -> str:
+    """What the safe unpickler refused, from torch's long message (the globals it names)."""
+    text = _ANSI.sub("", str(err))
+    found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return "it refuses " + ", ".join(dict.fromkeys(found))
+    detail = re.search(r"WeightsUnpickler error: *\n*(.+)", text)
+    said = detail.group(1).strip() if detail is not None else _first_line(err)
+    return f"torch.load(weights_only=True) said: {said}"
 
 
 def _first_line(err: BaseException) -> str:

@@ -132,16 +132,17 @@ def restore(
     ranks: Mapping[int, Any] = saved["ranks"]
     saved_world = int(saved["meta"]["world_size"])
     entry = ranks.get(rank)
-    if entry is None:
+    if entry is None:  # single-file saves hold the writer's entry; ranks seeded alike share it
         entry = ranks[min(ranks)]
-        if saved_world != world_size and rank == 0:
-            warnings.warn(
-                f"The checkpoint was written by {saved_world} processes and this run has {world_size}."
-                " The epoch and the number of samples consumed are restored; the per-rank random"
-                " streams and the exact order of the remaining samples cannot be, so this run will"
-                " not match an uninterrupted one bit for bit.",
-                stacklevel=3,
-            )
+    mid_pass = any(p is not None and not p["finished"] for p in entry["loaders"])
+    if saved_world != world_size and rank == 0 and mid_pass:
+        warnings.warn(
+            f"The checkpoint was written by {saved_world} processes and this run has {world_size}."
+            " The epoch and the number of samples consumed are restored; the per-rank random"
+            " streams and the exact order of the remaining samples cannot be, so this run will"
+            " not match an uninterrupted one bit for bit.",
+            stacklevel=3,
+        )
     restore_rng(entry["rng"])
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
