@@ -229,7 +229,10 @@ def load_sharded(
         with warnings.catch_warnings():
             # Loading in one process without a process group is intended here, not a mistake.
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            load(wanted, checkpoint_id=target, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+            try:
+                load(wanted, checkpoint_id=target, planner=DefaultLoadPlanner(allow_partial_load=not strict))
+            except Exception as err:
+                raise RuntimeError(_unreadable_message(target, err)) from err
     for key, module in modules.items():
         if key in wanted:
             set_model_state_dict(module, wanted[key], options=StateDictOptions(strict=strict))
@@ -237,6 +240,15 @@ def load_sharded(
         if key in wanted:
             set_optimizer_state_dict(owners[key], optimizer, wanted[key])
     return _restore_rest(state, rest, saved_state, strict, exclude=set(wanted))
+
+
+def _unreadable_message(target: Path, err: BaseException) -> str:
+    detail = str(err).strip().splitlines()
+    return (
+        f"Could not read the sharded checkpoint {str(target)!r}: {type(err).__name__}:"
+        f" {detail[0] if detail else ''}. Its shard files are damaged, missing, or do not hold the"
+        " requested keys (written for another model?). Load another checkpoint."
+    )
 
 
 def _restore_rest(
@@ -301,6 +313,9 @@ def read_sharded(path: str | os.PathLike[str], weights_only: bool = True) -> dic
         merged = Path(scratch) / "merged.pt"
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_to_torch_save(target, merged)
+            try:
+                dcp_to_torch_save(target, merged)
+            except Exception as err:
+                raise RuntimeError(_unreadable_message(target, err)) from err
         tensors = single_file.read_checkpoint(merged)
     return {**tensors, **meta["state"]}
