@@ -34,7 +34,7 @@ handloom time >= 0.95``); async stall at most 0.2 of the blocking ``fabric.save`
 the figures are written in ``run_all.py``'s convention (handloom / plain time, lower is better), so
 the throughput goals appear there as ``<= 1.0526``.
 
-Run: ``.venv/bin/python benchmarks/checkpoint_io.py [--quick] [--sizes 100M 500M] [--repeats 5]``
+Run: ``.venv/bin/python benchmarks/checkpoint_io.py [--quick] [--sizes 100M 500M] [--repeats 4]``
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -74,6 +75,7 @@ class Case:
     wrapped: dict[str, Any]
     nbytes: int
     times: dict[str, list[float]] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
     buffers: list[torch.Tensor] = field(default_factory=list)
 
     def plain_state(self) -> Any:
@@ -131,17 +133,23 @@ def _fsync(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _timed(target: Path | None, action: Callable[[], object]) -> float:
-    """Seconds ``action`` takes, after deleting ``target`` and flushing all dirty pages (untimed)."""
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads, the background writer's too
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(target: Path | None, action: Callable[[], object]) -> tuple[float, float]:
+    """Wall and CPU seconds ``action`` takes, after deleting ``target`` and flushing dirty pages (untimed)."""
     if target is not None:
         target.unlink(missing_ok=True)
     os.sync()
     gc.collect()
     gc.disable()
     try:
+        cpu = _cpu_seconds()
         start = time.perf_counter()
         action()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, _cpu_seconds() - cpu
     finally:
         gc.enable()
 
@@ -152,7 +160,7 @@ def run_round(case: Case, folder: Path, index: int, record: bool) -> None:
 
     fabric = case.fabric
     paths = {op: folder / f"{op.replace(' ', '_').replace('+', 'and')}.pt" for op in SAVE_OPS}
-    found: dict[str, float] = {}
+    found: dict[str, tuple[float, float]] = {}
 
     def plain_save(path: Path, sync: bool) -> None:
         torch.save(case.plain_state(), path)
@@ -169,9 +177,10 @@ def run_round(case: Case, folder: Path, index: int, record: bool) -> None:
     for op in SAVE_OPS[shift:] + SAVE_OPS[:shift]:
         found[op] = _timed(paths[op], actions[op])
         if op == "fabric.save async":
-            start = time.perf_counter()
+            cpu, start = _cpu_seconds(), time.perf_counter()
             background.wait()  # not part of the stall
-            found["fabric.save async, written"] = found[op] + time.perf_counter() - start
+            wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+            found["fabric.save async, written"] = (found[op][0] + wall, found[op][1] + cpu)
 
     state = case.plain_state()
     found["clone (fresh memory)"] = _timed(None, lambda: [t.clone() for t in _tensors(state)])
@@ -188,8 +197,9 @@ def run_round(case: Case, folder: Path, index: int, record: bool) -> None:
     for op in LOAD_OPS if index % 2 == 0 else LOAD_OPS[::-1]:
         found[op] = _timed(None, loads[op])
     if record:
-        for op, seconds in found.items():
-            case.times.setdefault(op, []).append(seconds)
+        for op, (wall, cpu) in found.items():
+            case.times.setdefault(op, []).append(wall)
+            case.cpu.setdefault(op, []).append(cpu)
 
 
 def _paired(case: Case, numerator: str, denominator: str) -> float:
@@ -212,6 +222,7 @@ def report(case: Case) -> tuple[list[list[str]], list[_common.Result]]:
             label,
             f"{seconds:.3f}",
             f"{min(case.times[op]):.3f}",
+            f"{_common.median(case.cpu[op]):.3f}",
             f"{gb / seconds:.2f}",
             ratio,
             paired,
@@ -242,6 +253,7 @@ def report(case: Case) -> tuple[list[list[str]], list[_common.Result]]:
         [
             case.name,
             "save: fabric.save (vs torch.save + fsync)",
+            "",
             "",
             "",
             "",
@@ -312,7 +324,7 @@ def main(argv: list[str] | None = None) -> list[_common.Result]:
     parser.add_argument(
         "--sizes", nargs="+", choices=tuple(LAYERS), default=list(LAYERS), help="model sizes (default all)"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (default 5)")
+    parser.add_argument("--repeats", type=int, default=4, help="timed rounds per case (default 4)")
     parser.add_argument(
         "--adamw",
         action=argparse.BooleanOptionalAction,
@@ -357,16 +369,19 @@ def main(argv: list[str] | None = None) -> list[_common.Result]:
             for path in Path(tmp).iterdir():
                 path.unlink()
 
-    headers = ["case", "operation", "median s", "min s", "GB/s", "ratio", "paired", "goal", ""]
+    headers = ["case", "operation", "median s", "min s", "CPU s", "GB/s", "ratio", "paired", "goal", ""]
     print()
-    print(_common.format_table(headers, rows, align="llrrrrrrl"))
+    print(_common.format_table(headers, rows, align="llrrrrrrrl"))
     print(
         "\nsave / load ratio = plain median time / handloom median time (throughput ratio; higher is"
         "\nbetter); stall = median time for fabric.save(async_save=True) to return / median blocking"
-        "\nfabric.save; paired = median over rounds of the same ratio within each round. GB = 1e9 bytes"
-        "\nof tensor data. Files are written into the page cache and loads read them from it; the fsync"
-        "\ncost depends on the disk. Other load on the machine makes the figures noisy: compare min s."
-        f"\ntotal {time.perf_counter() - start:.0f} s"
+        "\nfabric.save; paired = median over rounds of the same ratio within each round; CPU s = median"
+        "\nuser + system CPU time of this process (all threads) during the operation; GB/s from the"
+        "\nmedian, GB = 1e9 bytes of tensor data. Files are written into the page cache and loads read"
+        "\nthem from it; the fsync cost depends on the disk. Other load on the machine makes the figures"
+        "\nnoisy: compare min s and CPU s."
+        f"\ntotal {time.perf_counter() - start:.0f} s; peak RSS of this process"
+        f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB"
     )
     _common.write_results(args.json, results)
     return results

@@ -54,7 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints/resumable"))
     parser.add_argument("--async-save", action="store_true", help="write checkpoints in the background")
     parser.add_argument(
-        "--stop-after", type=int, default=None, metavar="N", help="simulate a crash: exit abruptly after step N"
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="simulate a crash: exit abruptly after step N",
     )
     parser.add_argument("--final-weights", type=Path, default=None, help="torch.save the final weights here")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per process and step")
@@ -108,10 +112,10 @@ def build_model(num_features: int = 16, num_classes: int = 4) -> nn.Module:
 def full_weights(model: Any) -> dict[str, torch.Tensor]:
     """The model's weights as full CPU tensors (under FSDP this gathers the shards: call it on every rank)."""
     weights = {}
-    for name, tensor in model.state_dict().items():
-        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP, tensor parallel)
-            tensor = tensor.full_tensor()
-        weights[name] = tensor.detach().cpu()
+    for name, value in model.state_dict().items():
+        # A DTensor (FSDP, tensor parallel) holds this rank's shard; full_tensor() gathers it.
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value
+        weights[name] = full.detach().cpu()
     return weights
 
 
@@ -155,12 +159,14 @@ def main(args: argparse.Namespace) -> None:
     resumed_from: int = state["step"]
     step = resumed_from
 
-    loss = torch.tensor(math.nan)
+    if step >= args.max_steps:
+        fabric.print(f"Already at step {step}: raise --max-steps, or use an empty --checkpoint-dir.")
+    loss = torch.tensor(math.nan, device=fabric.device)
     while step < args.max_steps:
         for inputs, targets in train_loader:
-            inputs = inputs + 0.1 * torch.randn_like(inputs)  # augmentation: draws from the torch RNG
+            noisy = inputs + 0.1 * torch.randn_like(inputs)  # augmentation: draws from the torch RNG
             optimizer.zero_grad()
-            loss = criterion(model(inputs), targets)
+            loss = criterion(model(noisy), targets)
             fabric.backward(loss)
             optimizer.step()
             scheduler.step()

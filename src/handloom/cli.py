@@ -251,9 +251,12 @@ def _consolidate_command(ns: argparse.Namespace, usage_error: Callable[[str], No
     output = ns.output_file or ns.output_option or f"{ns.checkpoint_dir.rstrip('/')}.consolidated"
     try:
         written = consolidate(ns.checkpoint_dir, output, overwrite=ns.overwrite)
-    except (FileNotFoundError, FileExistsError) as err:
-        print(f"handloom consolidate: error: {err}", file=sys.stderr)
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as err:
+        print(f"handloom consolidate: error: {err}", file=sys.stderr)  # the paths given are wrong
         return 2
+    except (OSError, RuntimeError) as err:
+        print(f"handloom consolidate: error: {err}", file=sys.stderr)  # damaged input, full disk, ...
+        return 1
     print(f"Wrote {written}")
     return 0
 

@@ -9,20 +9,22 @@ import os
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
 
-from handloom import checkpoint, launcher, validation
+from handloom import launcher, validation
 from handloom.apply import apply_to_tensors, move_data_to_device
-from handloom.checkpoint.session import CheckpointSession
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
 from handloom.loggers import _fabric as _loggers
 from handloom.options import FabricOptions, Plan, resolve_plan
 from handloom.strategies.base import Runtime, Strategy
 from handloom.wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer, compiled_original
+
+if TYPE_CHECKING:
+    from handloom.checkpoint.session import CheckpointSession
 
 
 class Fabric:
@@ -185,6 +187,8 @@ class Fabric:
         self._checkpoints = self._new_checkpoint_session()
 
     def _new_checkpoint_session(self) -> CheckpointSession:
+        from handloom.checkpoint.session import CheckpointSession
+
         return CheckpointSession(self._strategy, lambda: self._finalize_loggers("failed"))
 
     # --- properties -----------------------------------------------------------------------------
@@ -649,7 +653,9 @@ class Fabric:
         self, path: str | os.PathLike[str], obj: Any, strict: bool = True, *, weights_only: bool = True
     ) -> None:
         """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
-        data = checkpoint.read_checkpoint(path, mmap=True, weights_only=weights_only)
+        from handloom.checkpoint.io import read_checkpoint
+
+        data = read_checkpoint(path, mmap=True, weights_only=weights_only)
         target = obj.module if isinstance(obj, _FabricModule) else obj
         if isinstance(target, torch.nn.Module) and _is_sharded(target):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

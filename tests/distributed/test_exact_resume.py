@@ -44,7 +44,13 @@ def _train(
     model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=0.01))
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=4, gamma=0.7)
     loader = fabric.setup_dataloaders(DataLoader(_data(), batch_size=4, shuffle=True))
-    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0, "epoch": 0}
+    state: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "step": 0,
+        "epoch": 0,
+    }
     if resume:
         fabric.load(directory / "ckpt", state, resume_state=resume_state)
     losses = []

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from handloom.checkpoint.consolidate import consolidate
 from handloom.checkpoint.io import read_checkpoint, write_atomic
 from handloom.checkpoint.resume import RESUME_KEY
 from handloom.checkpoint.state import apply_filter, check_filter, collect_state, restore_state
 
 if TYPE_CHECKING:
     from handloom.checkpoint.background import CheckpointSaveError
-    from handloom.checkpoint.consolidate import consolidate
     from handloom.checkpoint.folder import CheckpointFolder, latest_checkpoint
 
 __all__ = [
@@ -46,7 +46,6 @@ _LAZY = {
     "CheckpointFolder": "handloom.checkpoint.folder",
     "latest_checkpoint": "handloom.checkpoint.folder",
     "CheckpointSaveError": "handloom.checkpoint.background",
-    "consolidate": "handloom.checkpoint.consolidate",
 }
 
 

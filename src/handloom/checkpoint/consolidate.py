@@ -24,6 +24,7 @@ def consolidate(
     Raises:
         FileNotFoundError: ``checkpoint_dir`` is not a complete sharded checkpoint.
         FileExistsError: ``output_file`` exists and ``overwrite`` is false.
+        RuntimeError: A file of the checkpoint is damaged; the message names it.
     """
     from handloom.sharding.checkpoint import read_sharded
 
@@ -31,17 +32,17 @@ def consolidate(
     if not source.is_dir():
         what = "a file" if source.is_file() else "nothing"
         raise FileNotFoundError(
-            f"handloom consolidate: {str(source)!r} is {what}, not a sharded checkpoint directory."
+            f"Cannot consolidate {str(source)!r}: it is {what}, not a sharded checkpoint directory."
             " Pass the directory fabric.save wrote under FSDP or ModelParallel."
         )
     if not staging.is_complete(source):
         raise FileNotFoundError(staging.incomplete_message(source))
     if target.exists() and not overwrite:
         raise FileExistsError(
-            f"handloom consolidate: {str(target)!r} already exists. Choose another output file or pass"
-            " --overwrite."
+            f"The output file {str(target)!r} already exists. Choose another output file, or replace it"
+            " with --overwrite (overwrite=True)."
         )
-    data = read_sharded(source)
+    data = read_sharded(source)  # a damaged shard is a RuntimeError naming it
     write_atomic(target, {key: _position_keyed(value) for key, value in data.items()})
     return target
 

@@ -49,10 +49,15 @@ class CheckpointFolder:
                 f"CheckpointFolder(keep_last={keep_last!r}) must be an int >= 1 (how many checkpoints to"
                 " keep), or None to keep all."
             )
-        if not prefix or "/" in prefix or os.sep in prefix or prefix.startswith("."):
+        if not isinstance(prefix, str) or not prefix or _has_separator(prefix) or prefix.startswith("."):
             raise ValueError(
                 f"CheckpointFolder(prefix={prefix!r}) must be a non-empty file-name start without path"
                 " separators or a leading dot, for example 'step-'."
+            )
+        if not isinstance(suffix, str) or _has_separator(suffix):
+            raise ValueError(
+                f"CheckpointFolder(suffix={suffix!r}) must be a file-name end without path separators,"
+                " for example '.ckpt', or '' for none."
             )
         self.root = Path(root)
         self.keep_last = keep_last
@@ -67,15 +72,25 @@ class CheckpointFolder:
         return self.root / f"{self.prefix}{step:09d}{self.suffix}"
 
     def checkpoints(self) -> list[Path]:
-        """The complete checkpoints, oldest step first. Interrupted saves are left out."""
+        """The complete checkpoints, oldest step first. Interrupted saves are left out.
+
+        A sharded checkpoint whose commit a crash interrupted between its two renames is listed
+        under its own name: ``fabric.load`` reads it there (see :mod:`handloom.checkpoint.staging`).
+        """
         if not self.root.is_dir():
             return []
-        found: list[tuple[int, Path]] = []
+        found: dict[Path, int] = {}
         for entry in self.root.iterdir():
             match = self._pattern.match(entry.name)
             if match is not None and is_complete(entry):
-                found.append((int(match.group(1)), entry))
-        return [path for _, path in sorted(found)]
+                found[entry] = int(match.group(1))
+                continue
+            target = self._mid_commit_target(entry)
+            if target is not None:
+                match = self._pattern.match(target.name)
+                assert match is not None  # _mid_commit_target only returns names of this folder
+                found[target] = int(match.group(1))
+        return [path for path, _ in sorted(found.items(), key=lambda item: (item[1], item[0].name))]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or ``None`` when there is none."""
@@ -88,15 +103,29 @@ class CheckpointFolder:
         A checkpoint being written in the background by this process is neither counted nor touched.
         Call it from one process (global rank 0). Returns what was deleted.
         """
+        busy = background.in_flight()
+        busy_path = None if busy is None else Path(busy)
+        if busy_path is not None and busy_path.parent.resolve() != self.root.resolve():
+            busy_path = None  # written elsewhere
+
+        def in_flight(entry: Path) -> bool:
+            if busy_path is None:
+                return False
+            return entry.name == busy_path.name or entry.name.startswith(f".{busy_path.name}.")
+
+        # A commit a crash interrupted is finished first, so its checkpoint is counted and kept.
+        for entry in self._leftovers():
+            target = self._mid_commit_target(entry)
+            if target is not None and not in_flight(entry):
+                staging.recover(target)
         removed: list[Path] = []
-        complete = self.checkpoints()
+        complete = [path for path in self.checkpoints() if not in_flight(path)]
         if self.keep_last is not None:
             for path in complete[: max(0, len(complete) - self.keep_last)]:
                 _remove(path)
                 removed.append(path)
-        busy = background.in_flight()
         for entry in self._leftovers():
-            if busy is not None and entry.name.startswith(f".{Path(busy).name}."):
+            if in_flight(entry) or self._mid_commit_target(entry) is not None:
                 continue
             _remove(entry)
             removed.append(entry)
@@ -122,6 +151,16 @@ class CheckpointFolder:
             inner = inner.rsplit(".", 1)[0]  # ".<name>.<random>.tmp"
         return self._pattern.match(inner) is not None
 
+    def _mid_commit_target(self, entry: Path) -> Path | None:
+        """The checkpoint ``entry`` stands in for, when it is the complete copy a crash mid-commit left."""
+        for ending in (staging.STAGING_SUFFIX, staging.OLD_SUFFIX):
+            if entry.name.startswith(".") and entry.name.endswith(ending):
+                target = entry.parent / entry.name[1 : -len(ending)]
+                if self._pattern.match(target.name) is None or target.exists():
+                    return None
+                return target if staging.readable(target) == entry else None
+        return None
+
 
 def is_complete(path: Path) -> bool:
     """True for a committed sharded directory or a whole ``torch.save`` file (its zip index is intact)."""
@@ -135,6 +174,10 @@ def latest_checkpoint(
 ) -> Path | None:
     """The newest complete checkpoint in ``root`` named as :class:`CheckpointFolder` names them."""
     return CheckpointFolder(root, keep_last=None, prefix=prefix, suffix=suffix).latest()
+
+
+def _has_separator(name: str) -> bool:
+    return "/" in name or os.sep in name or (os.altsep is not None and os.altsep in name)
 
 
 def _remove(path: Path) -> None:

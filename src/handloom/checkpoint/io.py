@@ -142,7 +142,7 @@ def _corrupt_message(target: Path, err: BaseException) -> str:
     if size == 0:
         what = "it is empty"
     elif not zipfile.is_zipfile(target):
-        what = f"it is not a torch.save archive ({size} bytes; the end of the file is missing or damaged)"
+        what = f"it is not a torch.save archive ({size} bytes: cut short, damaged, or another kind of file)"
     else:
         what = f"it could not be decoded ({size} bytes)"
     return (
@@ -165,12 +165,16 @@ def _refusal(err: BaseException) -> str:
     text = _ANSI.sub("", str(err))
     found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
-        return "it refuses " + ", ".join(dict.fromkeys(found))
-    detail = re.search(r"WeightsUnpickler error: *\n*(.+)", text)
-    said = detail.group(1).strip() if detail is not None else _first_line(err)
-    return f"torch.load(weights_only=True) said: {said}"
+        return "not allowed: " + ", ".join(dict.fromkeys(found))
+    return f"torch.load(weights_only=True) said: {_first_line(err)}"
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The line of torch's message that says what went wrong (not its advice)."""
+    text = _ANSI.sub("", str(err))
+    detail = re.search(r"WeightsUnpickler error: *\n*(.+)", text)
+    if detail is not None:
+        return detail.group(1).strip()
+    lines = text.strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

@@ -137,11 +137,11 @@ def restore(
     mid_pass = any(p is not None and not p["finished"] for p in entry["loaders"])
     if saved_world != world_size and rank == 0 and mid_pass:
         warnings.warn(
-            f"The checkpoint was written by {saved_world} processes and this run has {world_size}."
+            f"The checkpoint was written by {_processes(saved_world)} and this run has {world_size}."
             " The epoch and the number of samples consumed are restored; the per-rank random"
             " streams and the exact order of the remaining samples cannot be, so this run will"
             " not match an uninterrupted one bit for bit.",
-            stacklevel=3,
+            stacklevel=4,  # the user's fabric.load call
         )
     restore_rng(entry["rng"])
     if scaler is not None and saved.get("scaler"):
@@ -157,3 +157,7 @@ def restore(
             loader.restore_progress(progress, saved_world_size=saved_world, world_size=world_size)
             pending.append(None)
     return pending
+
+
+def _processes(count: int) -> str:
+    return f"{count} process" if count == 1 else f"{count} processes"

@@ -53,11 +53,22 @@ def read_marker(path: Path) -> dict[str, Any]:
 
 
 def prepare(target: Path) -> Path:
-    """Make an empty staging directory for ``target`` (rank 0, before any rank writes)."""
+    """Make an empty staging directory for ``target`` (rank 0, before any rank writes).
+
+    Raises:
+        FileExistsError: A file, or a directory that is not a checkpoint, is at ``target``; the
+            commit would replace it, so it is left alone.
+    """
     if target.is_file():
         raise FileExistsError(
             f"fabric.save({str(target)!r}) writes a sharded checkpoint, which is a directory, but a file"
             " exists at that path. Choose another path or remove the file."
+        )
+    if target.is_dir() and not _replaceable(target):
+        raise FileExistsError(
+            f"fabric.save({str(target)!r}) writes a sharded checkpoint, which replaces what is at that path,"
+            f" but {str(target)!r} is a directory that is not a checkpoint (no {MARKER}, no .metadata)"
+            " and not empty. Choose another path, or remove the directory."
         )
     recover(target)
     staging = staging_path(target)
@@ -65,6 +76,11 @@ def prepare(target: Path) -> Path:
         shutil.rmtree(staging)  # left by an interrupted save; the committed checkpoint is elsewhere
     staging.mkdir(parents=True)
     return staging
+
+
+def _replaceable(path: Path) -> bool:
+    """A directory a save may replace: a checkpoint (committed, or DCP's without a marker) or empty."""
+    return is_complete(path) or (path / ".metadata").is_file() or not any(path.iterdir())
 
 
 def commit(target: Path, metadata: dict[str, Any]) -> None:
@@ -122,4 +138,55 @@ def incomplete_message(path: Path) -> str:
     return (
         f"{str(path)!r} is a directory without {MARKER}, so it is not a complete handloom sharded"
         " checkpoint (a save into it was interrupted, or another tool wrote it). Load another checkpoint."
+    )
+
+
+def damaged_files(path: Path) -> list[str]:
+    """The files of the sharded checkpoint ``path`` that are missing or shorter than its index says.
+
+    Each entry is a file name with what is wrong with it, e.g. ``"__1_0.distcp (812 of 4795 bytes)"``.
+    """
+    from torch.distributed.checkpoint.filesystem import FileSystemReader
+
+    if not (path / ".metadata").is_file():
+        return [".metadata (missing)"]
+    try:
+        metadata = FileSystemReader(str(path)).read_metadata()
+        needed: dict[str, int] = {}
+        for info in metadata.storage_data.values():
+            end = int(info.offset) + int(info.length)
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    except Exception:
+        return [".metadata (unreadable)"]
+    damaged = []
+    for name, size in sorted(needed.items()):
+        file = path / name
+        if not file.is_file():
+            damaged.append(f"{name} (missing)")
+        elif file.stat().st_size < size:
+            damaged.append(f"{name} ({file.stat().st_size} of {size} bytes)")
+    return damaged
+
+
+def unreadable_message(path: Path, err: BaseException) -> str:
+    """Why reading the shards of the committed checkpoint ``path`` failed with ``err``.
+
+    Names the shard files that are missing or shorter than the checkpoint's index says, when some
+    are; otherwise the shards did not fit what was asked of them (another model's checkpoint).
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    said = lines[-1] if lines else type(err).__name__  # DCP puts the cause at the end of a traceback
+    said = said.split(". ")[0].rstrip(".")  # the error, not torch's advice after it
+    damaged = damaged_files(path)
+    if damaged:
+        return (
+            f"Could not read the sharded checkpoint {str(path)!r}: {', '.join(damaged)}"
+            f" {'is' if len(damaged) == 1 else 'are'} missing or truncated (torch said: {said})."
+            " The checkpoint was damaged after it was written (handloom commits a sharded checkpoint"
+            " only once every shard is on disk); load another checkpoint."
+        )
+    return (
+        f"Could not read the sharded checkpoint {str(path)!r} into the given state (torch said: {said})."
+        " Its files are all there, so it probably holds another model's or optimizer's state, or a"
+        " file is damaged inside; check that the state matches the one saved, or load another checkpoint."
     )

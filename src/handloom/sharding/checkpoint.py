@@ -200,6 +200,7 @@ def load_sharded(
 
     Works under any strategy, and in one process without a process group.
     """
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -231,8 +232,8 @@ def load_sharded(
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             try:
                 load(wanted, checkpoint_id=target, planner=DefaultLoadPlanner(allow_partial_load=not strict))
-            except Exception as err:
-                raise RuntimeError(_unreadable_message(target, err)) from err
+            except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+                raise RuntimeError(staging.unreadable_message(target, err)) from err
     for key, module in modules.items():
         if key in wanted:
             set_model_state_dict(module, wanted[key], options=StateDictOptions(strict=strict))
@@ -240,15 +241,6 @@ def load_sharded(
         if key in wanted:
             set_optimizer_state_dict(owners[key], optimizer, wanted[key])
     return _restore_rest(state, rest, saved_state, strict, exclude=set(wanted))
-
-
-def _unreadable_message(target: Path, err: BaseException) -> str:
-    detail = str(err).strip().splitlines()
-    return (
-        f"Could not read the sharded checkpoint {str(target)!r}: {type(err).__name__}:"
-        f" {detail[0] if detail else ''}. Its shard files are damaged, missing, or do not hold the"
-        " requested keys (written for another model?). Load another checkpoint."
-    )
 
 
 def _restore_rest(
@@ -305,6 +297,7 @@ def read_sharded(path: str | os.PathLike[str], weights_only: bool = True) -> dic
     """
     import tempfile
 
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     target = Path(path)
@@ -315,7 +308,7 @@ def read_sharded(path: str | os.PathLike[str], weights_only: bool = True) -> dic
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             try:
                 dcp_to_torch_save(target, merged)
-            except Exception as err:
-                raise RuntimeError(_unreadable_message(target, err)) from err
+            except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+                raise RuntimeError(staging.unreadable_message(target, err)) from err
         tensors = single_file.read_checkpoint(merged)
     return {**tensors, **meta["state"]}

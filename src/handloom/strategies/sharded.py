@@ -76,6 +76,7 @@ class ShardedStrategy(ParallelStrategy):
         self.state_dict_type = state_dict_type
         self.save_timeout = save_timeout
         self._checkpoint_group: Any = None
+        self._checkpoint_group_broken = False
         # Sharding places parameters itself (fully_shard moves each unit as it shards it).
         self.places_module_on_setup = True
         # id -> (weak reference, path) of parameters that sharding replaced; see setup_optimizer.
@@ -208,16 +209,32 @@ class ShardedStrategy(ParallelStrategy):
 
         user_state.check_filter(request.state, request.filter)
         background.wait()
-        if self.global_rank == 0 and self.state_dict_type == "sharded":
-            staging.prepare(request.path)
         group = self._checkpoint_group
         what = f"fabric.save({str(request.path)!r})"
-        distributed.await_ranks(group, self.save_timeout, what=what, owner=self)
-        entries: list[Any] = [None] * self.world_size
+        if self._checkpoint_group_broken:
+            raise RuntimeError(
+                f"{what} cannot run: an earlier collective save timed out waiting for some ranks, which"
+                " closed the connections handloom coordinates saves over. Restart the job (from the last"
+                " complete checkpoint) after making every rank call fabric.save."
+            )
+        try:
+            distributed.await_ranks(group, self.save_timeout, what=what, owner=self)
+        except RuntimeError:
+            self._checkpoint_group_broken = True
+            raise
+        problem: str | None = None
+        if self.global_rank == 0 and self.state_dict_type == "sharded":
+            try:
+                staging.prepare(request.path)
+            except OSError as err:  # said on every rank below, so none waits for the others
+                problem = str(err)
+        entries: list[Any] = [(request.resume, problem)]
         if dist.is_initialized() and self.world_size > 1:
-            dist.all_gather_object(entries, request.resume, group=group)
-        else:
-            entries = [request.resume]
+            entries = [None] * self.world_size
+            dist.all_gather_object(entries, (request.resume, problem), group=group)
+        if entries[0][1] is not None:
+            raise FileExistsError(entries[0][1])
+        entries = [entry for entry, _ in entries]
         ranks = {rank: entry for rank, entry in enumerate(entries) if entry is not None}
         scaler = self.amp.scaler if request.resume is not None else None
         resume_state = resume.build(self.describe(), ranks, scaler)
