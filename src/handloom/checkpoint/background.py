@@ -73,10 +73,11 @@ def wait() -> None:
         return
     pending.thread.join()
     if pending.error is not None:
+        cause = str(pending.error).rstrip(".")
         raise CheckpointSaveError(
-            f"The background save of {pending.path!r} failed: {type(pending.error).__name__}:"
-            f" {pending.error}. That checkpoint was not written (any earlier checkpoint at that path is"
-            " intact). Fix the cause and save again."
+            f"The background save of {pending.path!r} failed: {type(pending.error).__name__}: {cause}."
+            " That checkpoint was not written (any earlier checkpoint at that path is intact). Fix the"
+            " cause and save again."
         ) from pending.error
 
 
