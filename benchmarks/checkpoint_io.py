@@ -19,15 +19,17 @@ drift and a busy machine fall on all of them alike), after one untimed warm-up r
   the stall, and the time from the call to the file being written is reported beside it.
 
 Then, in alternating order, the loads from the files just written (so from the page cache):
-``model.load_state_dict(torch.load(path, weights_only=True))`` against
-``fabric.load(path, {"model": model})``. Two diagnostics with no goal show the floor of the async
-stall: cloning every tensor of the state (fresh memory, as an async save must) and ``copy_`` into
-buffers allocated once and reused.
+``model.load_state_dict(torch.load(path, weights_only=True))`` of the ``torch.save`` file against
+``fabric.load(path, {"model": model})`` of the blocking ``fabric.save`` file. Two diagnostics with
+no goal show the floor of the async stall: cloning every tensor of the state (fresh memory, as an
+async save does) and ``copy_`` into buffers allocated once and reused.
 
 Before every timed operation its target file is deleted and ``os.sync()`` runs (untimed), so no
 operation pays for writing back another's dirty pages; the garbage collector is paused while
-timing. Figures are medians over ``--repeats`` rounds; ``paired`` is the median over rounds of the
-ratio within the round.
+timing. Figures are medians over ``--repeats`` rounds (default 4); ``paired`` is the median over
+rounds of the ratio within the round; ``CPU s`` is the process's user + system CPU time (all
+threads) during the operation, which other load disturbs less than the wall time. ``--quick``
+times only the 100M model, without AdamW, in 3 rounds.
 
 Goals: save and load throughput of handloom at least 0.95 of plain PyTorch's (``torch time /
 handloom time >= 0.95``); async stall at most 0.2 of the blocking ``fabric.save``. With ``--json``
@@ -61,7 +63,6 @@ STALL_GOAL = 0.2  # async return time / blocking fabric.save time, at most
 
 SAVE_OPS = ("torch.save", "torch.save + fsync", "fabric.save", "fabric.save async")
 LOAD_OPS = ("torch.load + load_state_dict", "fabric.load")
-DIAG_OPS = ("clone (fresh memory)", "copy_ (reused buffers)")
 
 
 @dataclass

@@ -102,7 +102,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     assert resumed["step"] == MAX_STEPS
     last_save = stop_after // SAVE_EVERY * SAVE_EVERY
     if extra:
-        assert resumed["resumed_from"] in (last_save - SAVE_EVERY, last_save)
+        # The crash can take rank 0 down (torchrun stops the other workers once one exits) before
+        # the background writes land: the newest complete checkpoint may be any earlier save.
+        assert resumed["resumed_from"] in range(0, last_save + 1, SAVE_EVERY)
     else:
         assert resumed["resumed_from"] == last_save
 
