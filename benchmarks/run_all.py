@@ -17,7 +17,7 @@ from pathlib import Path
 import _common
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("step_overhead", "import_time", "ddp_step", "launch_time", "fsdp_memory")
+BENCHMARKS = ("step_overhead", "import_time", "ddp_step", "launch_time", "fsdp_memory", "checkpoint_io")
 # Fewer repetitions: a smoke run whose figures are noisier.
 QUICK_ARGS = {
     "step_overhead": ["--steps", "1500"],
@@ -25,6 +25,7 @@ QUICK_ARGS = {
     "ddp_step": ["--pairs", "1", "--steps", "40", "--interleaved-steps", "60"],
     "launch_time": ["--pairs", "2"],
     "fsdp_memory": ["--warmup", "1", "--steps", "1", "--mmap-steps", "0"],
+    "checkpoint_io": ["--quick"],
 }
 
 
