@@ -143,7 +143,7 @@ def launch_function(
     try:
         with _fork_safe_garbage(start_method):
             results = elastic_launch(_config(spec, start_method), _worker)(
-                fabric, fn, args, kwargs, error_dir
+                fabric, fn, args, kwargs, error_dir, start_method == "fork"
             )
     except ChildFailedError as err:
         raise _first_failure(error_dir, err) from None
@@ -174,8 +174,15 @@ def _fork_safe_garbage(start_method: str) -> Iterator[None]:
 
 
 def _worker(
-    fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], error_dir: str
+    fabric: Any,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    error_dir: str,
+    forked: bool,
 ) -> Any:
+    if forked:
+        _single_threaded_after_fork()
     try:
         fabric._enter_worker()
         result = fn(fabric, *args, **kwargs)
@@ -185,6 +192,19 @@ def _worker(
     from handloom.apply import move_data_to_device
 
     return move_data_to_device(result, "cpu")
+
+
+def _single_threaded_after_fork() -> None:
+    """Run this forked worker's CPU ops on one intra-op thread.
+
+    GNU OpenMP (torch's CPU thread pool on Linux) is not fork-safe: once the parent has run a
+    parallel region, the child's first parallel region waits forever for pool threads that were
+    not forked. One thread per worker avoids it, as torch's own DataLoader workers do, and is also
+    what ``torchrun`` chooses for several processes on one machine.
+    """
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def record_failure(exc: BaseException, path: str) -> None:

@@ -229,3 +229,23 @@ def test_forked_workers_do_not_collect_the_parents_garbage() -> None:
         assert _fabric().launch(_collect_garbage) == "collected"
     finally:
         gc.enable()
+
+
+def _parallel_cpu_op(fabric: Fabric) -> float:
+    matrix = torch.ones(512, 512)
+    return float((matrix @ matrix).softmax(dim=-1).sum())  # large enough for torch's thread pool
+
+
+@pytest.mark.timeout(60)
+def test_forked_workers_run_cpu_ops_after_the_parent_used_its_thread_pool(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # GNU OpenMP is not fork-safe: a child forked after the parent ran a parallel region hangs in
+    # its own first parallel region unless it runs single-threaded. An explicit OMP_NUM_THREADS
+    # (as on many clusters) turns off handloom's own per-process thread limit.
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    if torch.get_num_threads() < 2:
+        torch.set_num_threads(2)
+    large = torch.randn(1024, 1024)
+    (large @ large).softmax(dim=-1).sum()
+    assert _fabric().launch(_parallel_cpu_op) == pytest.approx(512.0)
