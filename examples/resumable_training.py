@@ -16,9 +16,16 @@ Try it (one CPU process by default)::
     handloom run --accelerator cpu --devices 2 --strategy fsdp examples/resumable_training.py
 
 Compare the ``checksum`` of the last line with a run into an empty ``--checkpoint-dir`` that was
-never stopped: it is the same. ``--stop-after N`` ends the process with ``os._exit(1)`` right
-after step N (after its save, if it has one), which skips every clean-up, like a kill or a lost
-node. ``--async-save`` writes checkpoints in the background.
+never stopped: it is the same. ``--stop-after N`` SIGKILLs the process right after step N (after
+its save, if it has one), like a lost node; ``--crash-rank R`` kills rank R alone.
+``--async-save`` writes checkpoints in the background. A SIGTERM (``kill PID``, a scheduler's
+stop, Slurm's ``--signal`` warning) makes every rank save at the same step and exit cleanly.
+
+Elastic restarts resume on their own: the killed run is restarted by the launcher and picks up
+from the newest complete checkpoint, ending with the same weights::
+
+    handloom run --accelerator cpu --devices 2 --max-restarts 1 examples/resumable_training.py \
+        --stop-after 130 --crash-rank 1
 
 The last line printed is machine readable: ``FINAL {"step": ..., "loss": ..., "checksum": ...}``.
 """
@@ -30,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=None,
         metavar="N",
-        help="simulate a crash: exit abruptly after step N",
+        help="simulate a crash: SIGKILL after step N (first attempt only; see --max-restarts)",
+    )
+    parser.add_argument(
+        "--crash-rank", type=int, default=None, metavar="R", help="with --stop-after: only rank R dies"
     )
     parser.add_argument("--final-weights", type=Path, default=None, help="torch.save the final weights here")
     parser.add_argument("--batch-size", type=int, default=32, help="samples per process and step")
@@ -129,9 +140,9 @@ def checksum(weights: dict[str, torch.Tensor]) -> str:
 
 
 def crash(fabric: Fabric, step: int) -> None:
-    """Die the way a killed process does: no clean-up, no exit hooks, no waiting for a background save."""
+    """Be killed: no clean-up, no exit hooks, no waiting for a background save."""
     print(f"[rank {fabric.global_rank}] simulated crash after step {step}", flush=True)
-    os._exit(1)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -152,11 +163,12 @@ def main(args: argparse.Namespace) -> None:
     # continues mid-epoch in the same shuffled order, and the random states are those of the save.
     folder = CheckpointFolder(args.checkpoint_dir, keep_last=args.keep_last)
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0}
-    latest = fabric.broadcast(folder.latest())  # every rank resumes from the checkpoint rank 0 chose
+    latest = folder.resume(fabric, state)  # every rank loads the newest checkpoint rank 0 found
     if latest is not None:
-        fabric.load(latest, state)
         fabric.print(f"Resumed from {latest} at step {state['step']}")
     resumed_from: int = state["step"]
+    # Under `handloom run --max-restarts N` the restarted workers run on past --stop-after.
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     step = resumed_from
 
     if step >= args.max_steps:
@@ -174,13 +186,18 @@ def main(args: argparse.Namespace) -> None:
             if step % args.log_every == 0:
                 fabric.print(f"step {step} | loss {loss.item():.4f} | lr {scheduler.get_last_lr()[0]:.2e}")
 
-            if step % args.save_every == 0 or step == args.max_steps:
+            # SIGTERM (or Slurm's --signal warning) on any rank: every rank sees True at this step.
+            preempted = fabric.preemption_requested()
+            if step % args.save_every == 0 or step == args.max_steps or preempted:
                 state["step"] = step
                 # Single device/DDP: rank 0 writes one file. FSDP: every rank writes its shards.
-                fabric.save(folder.path(step), state, async_save=args.async_save)
+                fabric.save(folder.path(step), state, async_save=args.async_save and not preempted)
                 if fabric.is_global_zero:
                     folder.prune()  # keep the newest --keep-last, remove leftovers of interrupted saves
-            if step == args.stop_after:
+            if preempted:
+                fabric.print(f"Preempted: saved step {step} to {folder.path(step)}; run again to resume.")
+                return
+            if step == args.stop_after and first_attempt and args.crash_rank in (None, fabric.global_rank):
                 crash(fabric, step)
             if step >= args.max_steps:
                 break

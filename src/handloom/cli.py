@@ -190,11 +190,30 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     )
     for name, kind, metavar, text in _TORCHRUN_PASSTHROUGH:
         where.add_argument(*_flags(name), type=kind, metavar=metavar, help=text)
+    debug = run.add_argument_group("debugging")
+    debug.add_argument(
+        *_flags("check_collectives"),
+        action="store_true",
+        help="check every collective across ranks (TORCH_DISTRIBUTED_DEBUG=DETAIL): one that some ranks"
+        " never reach fails naming them, one that differs between ranks fails at once; slower",
+    )
 
     run.add_argument("script", metavar="SCRIPT", help="path of the Python script to start")
     run.add_argument(
         "script_args", nargs=argparse.REMAINDER, metavar="SCRIPT_ARGS", help="passed to the script as written"
     )
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the way out added to an unknown option's error."""
+
+    def error(self, message: str) -> NoReturn:
+        if message.startswith("unrecognized arguments"):
+            message += (
+                ". See `handloom run --help` for the options; arguments for the script go after SCRIPT"
+                " (e.g. `handloom run --devices 2 train.py --epochs 3`)."
+            )
+        super().error(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The top-level parser. Each subcommand stores the function that carries it out in ``handler``.
     """
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="handloom", description="Launch and manage handloom training jobs.", allow_abbrev=False
     )
     parser.add_argument("--version", action="version", version=f"handloom {__version__}")
@@ -412,6 +431,8 @@ def build_worker_env(
     if ns.num_nodes is not None and ":" not in ns.num_nodes:
         given[_env_names.CLI_NUM_NODES] = ns.num_nodes
     env.update({name: value for name, value in given.items() if value is not None})
+    if ns.check_collectives:
+        env["TORCH_DISTRIBUTED_DEBUG"] = "DETAIL"  # torch's own switch, read when the workers import it
     if "OMP_NUM_THREADS" not in base_env:
         env["OMP_NUM_THREADS"] = str(max(1, num_cpus // max(1, num_processes)))
     return env

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import os
+import re
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -44,7 +47,16 @@ def init_process_group(topology: Topology, *, backend: str, timeout: timedelta, 
             )
         return
     device_id = device if device.type == "cuda" else None
-    if topology.name == "torchelastic":
+    if topology.name == "torchelastic" and topology.agent_store:
+        dist.init_process_group(
+            backend,
+            store=_attempt_store(topology, timeout),
+            rank=topology.global_rank,
+            world_size=topology.world_size,
+            timeout=timeout,
+            device_id=device_id,
+        )
+    elif topology.name == "torchelastic":
         dist.init_process_group(backend, init_method="env://", timeout=timeout, device_id=device_id)
     else:
         address, port = _rendezvous_address(topology)
@@ -58,6 +70,25 @@ def init_process_group(topology: Topology, *, backend: str, timeout: timedelta, 
         )
     _register_teardown()
     _limit_cpu_threads(topology)
+
+
+def _attempt_store(topology: Topology, timeout: timedelta) -> Any:
+    """The agent's store, seen through a prefix of its own for this restart of the workers.
+
+    With a static rendezvous the agent keeps one store for the whole job, so after a restart
+    (``--max-restarts``) the keys the previous workers wrote, such as their gloo addresses, are
+    still there, and a restarted worker may read them and try to reach a process that is gone.
+    """
+    assert topology.main_address is not None and topology.main_port is not None  # torchelastic sets both
+    # Public and documented as torch.distributed.TCPStore / PrefixStore; the stubs do not re-export them.
+    store = dist.TCPStore(  # type: ignore[attr-defined]
+        topology.main_address,
+        topology.main_port,
+        world_size=topology.world_size,
+        is_master=False,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"handloom/attempt-{topology.restart_count}", store)  # type: ignore[attr-defined]
 
 
 def _rendezvous_address(topology: Topology) -> tuple[str, int]:
@@ -264,9 +295,97 @@ def await_ranks(group: Any, timeout: timedelta, *, what: str, owner: object) -> 
 
 
 def _missing_ranks(message: str) -> list[int]:
-    import re
-
     match = re.search(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier", message)
     if match is None:
         return []
     return [int(part) for part in match.group(1).replace(" ", "").split(",") if part]
+
+
+# How torch's collective checks describe each rank's call in a mismatch.
+_FINGERPRINT = re.compile(
+    r"Rank (\d+) is running collective: CollectiveFingerPrint\(SequenceNumber=(\d+),? *OpType=(\w+)"
+)
+_AFTER_TORCH_ADVICE = re.compile(r"\s*(This may indicate|Please check|See the |To debug).*", re.DOTALL)
+
+
+@contextlib.contextmanager
+def naming_failures(what: str, timeout: timedelta, owner: str) -> Iterator[None]:
+    """Re-raise a failed or timed-out collective as an error that names it and says what to do.
+
+    A collective that some ranks never reach (one inside ``if fabric.is_global_zero:``, say) fails
+    after ``timeout`` on the ranks that did; with collective checks on (torch's ``DETAIL`` debug
+    level) torch also names the ranks that did not arrive, or the different collective they called.
+
+    Raises:
+        RuntimeError: The collective failed; the message names ``what``, the cause and the fix.
+    """
+    start = time.monotonic()
+    try:
+        yield
+    except RuntimeError as err:
+        raise RuntimeError(_collective_failure(what, err, time.monotonic() - start, timeout, owner)) from err
+
+
+def _collective_failure(what: str, err: BaseException, elapsed: float, timeout: timedelta, owner: str) -> str:
+    text = str(err)
+    said = _AFTER_TORCH_ADVICE.sub("", " ".join(text.split()))[:400]
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    order = (
+        " Every rank must make the same collective calls in the same order: a call inside"
+        " `if fabric.is_global_zero:` (or any branch only some ranks take) waits for ranks that never come."
+    )
+    checks = (
+        " To see which ranks did not arrive and what they called instead, run with"
+        " `handloom run --check-collectives` or"
+        f" {owner}(check_collectives=True)."
+    )
+    missing = _missing_ranks(text)
+    if missing:
+        return (
+            f"{what} on rank {rank} timed out after {elapsed:.1f} s: rank(s) {missing} did not reach it"
+            f" within the collective timeout ({timeout.total_seconds():g} s).{order} Move the call out of"
+            f" such a branch; if those ranks were only slower, raise {owner}(timeout=...)."
+            f" (torch said: {said})"
+        )
+    if "mismatch between collectives" in text:
+        # torch describes this rank's call reliably; the other side is its own checking exchange.
+        mine = [(n, op) for r, n, op in _FINGERPRINT.findall(text) if int(r) == rank]
+        call = f" ({mine[0][1]}, this rank's collective #{mine[0][0]})" if mine else ""
+        return (
+            f"{what} on rank {rank}{call} does not match the collective another rank called at this point."
+            f"{order} Make every rank call the same collectives in the same order. (torch said: {said})"
+        )
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return (
+            f"{what} on rank {rank} timed out after {elapsed:.1f} s waiting for the other ranks"
+            f" (collective timeout: {timeout.total_seconds():g} s).{order} If the other ranks were only"
+            f" slower (evaluation or a save on one rank), raise {owner}(timeout=...).{checks}"
+            f" (torch said: {said})"
+        )
+    return (
+        f"{what} failed on rank {rank} after {elapsed:.1f} s (torch said: {said}). If another rank exited or"
+        f" died, its own error is the cause (see its output); if it finished normally, this call was made"
+        f" only on some ranks.{order}{checks}"
+    )
+
+
+def barrier_names(name: str, group: Any = None) -> list[Any]:
+    """Wait for every rank, like a barrier, and return the name each rank passed (by rank)."""
+    names: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, name, group=group)
+    return names
+
+
+def check_barrier_names(name: str, names: list[Any]) -> None:
+    """Raise when the ranks passed barriers of different names (see :func:`barrier_names`).
+
+    Raises:
+        RuntimeError: Ranks passed different names: they are at different points of the program.
+    """
+    if any(other != name for other in names):
+        by_rank = ", ".join(f"rank {r}: {n!r}" for r, n in enumerate(names))
+        raise RuntimeError(
+            f"fabric.barrier({name!r}) met barriers of other names on other ranks ({by_rank}), so the ranks"
+            " are at different points of the program. Make every rank pass the same barriers in the same"
+            " order; a barrier inside a branch that only some ranks take cannot work."
+        )

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
-from handloom import launcher, validation
+from handloom import launcher, preemption, validation
 from handloom.apply import apply_to_tensors, move_data_to_device
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
@@ -484,6 +484,56 @@ class Fabric:
         self._ensure_running()
         return self._strategy.broadcast(obj, src)
 
+    def preemption_requested(self, *, grace: float | None = preemption.DEFAULT_GRACE_S) -> bool:
+        """Return True, on every rank, once any rank has received a preemption signal.
+
+        The signals are SIGTERM and, under Slurm, ``SLURMEnvironment.requeue_signal`` (SIGUSR1 by
+        default; ask Slurm for it with ``#SBATCH --signal=USR1@90``). The first call installs the
+        handlers, so a script that never asks keeps the default behaviour. With several processes
+        the ranks agree with one all-reduce of a one-element tensor (on the strategy's device and
+        process group), so every rank must call this at the same point of the loop, like
+        :meth:`barrier`; with one process no collective runs.
+
+        If the loop has not seen the request ``grace`` seconds after the signal (a rank blocked in a
+        collective never polls), the process is ended the way the signal would have ended it; a
+        second copy of the signal ends it at once. Under Slurm with
+        ``SLURMEnvironment(auto_requeue=True)``, global rank 0 runs ``scontrol requeue`` when the
+        process exits after the loop stopped. See :mod:`handloom.preemption`.
+
+        Args:
+            grace: Seconds the loop has, from the signal, to see the request; ``None`` never ends
+                the process. Read by the first call; later calls must pass the same value.
+
+        Raises:
+            ValueError: ``grace`` is not a positive number of seconds or ``None``, or differs from
+                the first call's.
+            RuntimeError: The first call is made from a thread other than the main thread.
+
+        Example::
+
+            for step in range(start, num_steps):
+                ...
+                if fabric.preemption_requested():
+                    fabric.save(folder.path(step), state)
+                    break
+        """
+        self._ensure_running()
+        plan = preemption.resolve_preemption(self._plan.environment, self.global_rank, os.environ)
+        watcher = preemption.install_preemption_handlers(
+            plan.signals,
+            grace=preemption.check_grace(grace, "fabric.preemption_requested"),
+            requeue_job_id=plan.requeue_job_id,
+            # A background save lands (or its failure ends the process with status 1) before the requeue.
+            before_requeue=self._checkpoints._wait_at_exit,
+        )
+        requested = watcher.received is not None
+        if self.world_size > 1:
+            flag = torch.tensor(int(requested), dtype=torch.int32)
+            requested = bool(self._strategy.all_reduce(flag, "max").item())
+        if requested:
+            watcher.acknowledge()
+        return requested
+
     def _as_tensors(self, data: Any) -> Any:
         if isinstance(data, (int, float, bool)):
             return torch.tensor(data, device=self.device)
@@ -653,10 +703,13 @@ class Fabric:
         self, path: str | os.PathLike[str], obj: Any, strict: bool = True, *, weights_only: bool = True
     ) -> None:
         """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
+        from handloom.checkpoint import RESUME_KEY
         from handloom.checkpoint.io import read_checkpoint
 
-        data = read_checkpoint(path, mmap=True, weights_only=weights_only)
         target = obj.module if isinstance(obj, _FabricModule) else obj
+        validation.check_load_raw_target(target)
+        data = read_checkpoint(path, mmap=True, weights_only=weights_only)
+        validation.check_raw_state(path, target, data, RESUME_KEY)
         if isinstance(target, torch.nn.Module) and _is_sharded(target):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -183,6 +184,10 @@ def _worker(
 ) -> Any:
     if forked:
         _single_threaded_after_fork()
+        # The agent's own SIGTERM handler (raise in Python, later) came along with the fork. A worker
+        # blocked inside a collective would not run it until the call returns, so the agent's stop
+        # would wait its 30 s before SIGKILL; the default action ends the worker at once.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         fabric._enter_worker()
         result = fn(fabric, *args, **kwargs)

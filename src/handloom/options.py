@@ -141,7 +141,8 @@ def _split_plugins(
 
 def _check_num_nodes(num_nodes: object) -> int:
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        raise ValueError(
+        kind = ValueError if isinstance(num_nodes, int) and not isinstance(num_nodes, bool) else TypeError
+        raise kind(
             f"Fabric(num_nodes={num_nodes!r}) must be an integer of at least 1."
             " Pass the number of machines in the job, for example num_nodes=2."
         )

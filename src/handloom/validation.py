@@ -20,6 +20,17 @@ def as_list(value: Any) -> list[Any]:
     return [value]
 
 
+def describe(value: object, limit: int = 60) -> str:
+    """``value`` as a user would recognise it in an error message: its repr on one line, shortened.
+
+    A repr that spans several lines (a model) becomes ``Net(...)``.
+    """
+    text = repr(value)
+    if "\n" in text:
+        text = f"{type(value).__name__}(...)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_module(module: object, already_set_up: Collection[Any]) -> None:
     """Reject a model that is not a module or was set up before.
 
@@ -33,7 +44,11 @@ def check_module(module: object, already_set_up: Collection[Any]) -> None:
             " Set up each model once and keep using the object setup returned."
         )
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"fabric.setup() needs a torch.nn.Module first, got {type(module).__name__}.")
+        raise TypeError(
+            f"fabric.setup({describe(module)}) needs a torch.nn.Module as its first argument, got type"
+            f" {type(module).__name__}. Pass the model first and its optimizers after it:"
+            " model, optimizer = fabric.setup(model, optimizer)."
+        )
 
 
 def check_optimizer(optimizer: object, already_set_up: Collection[Any]) -> None:
@@ -50,8 +65,10 @@ def check_optimizer(optimizer: object, already_set_up: Collection[Any]) -> None:
         )
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(
-            f"fabric.setup() takes optimizers after the model, got {type(optimizer).__name__}."
-            " Pass torch.optim.Optimizer instances; pass LR schedulers as scheduler=..."
+            f"fabric.setup(model, *optimizers) and fabric.setup_optimizers(*optimizers) take optimizers,"
+            f" but got {describe(optimizer)} (type {type(optimizer).__name__}). Pass torch.optim.Optimizer"
+            " instances such as torch.optim.AdamW(model.parameters()); pass an LR scheduler as"
+            " fabric.setup(..., scheduler=scheduler)."
         )
 
 
@@ -104,3 +121,32 @@ def accepted_kwargs(method: Callable[..., Any], kwargs: dict[str, Any]) -> dict[
     if any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return kwargs
     return {k: v for k, v in kwargs.items() if k in params}
+
+
+def check_load_raw_target(target: object) -> None:
+    """``fabric.load_raw`` loads into a module or anything with ``load_state_dict``.
+
+    Raises:
+        TypeError: ``target`` has no ``load_state_dict``.
+    """
+    if not callable(getattr(target, "load_state_dict", None)):
+        raise TypeError(
+            f"fabric.load_raw(path, obj) loads into a torch.nn.Module or an object with load_state_dict(),"
+            f" got type {type(target).__name__}. Pass the model; for a dict of objects use"
+            " fabric.load(path, state)."
+        )
+
+
+def check_raw_state(path: object, target: object, data: dict[str, Any], reserved_key: str) -> None:
+    """A file for ``fabric.load_raw`` must be a plain state_dict, not what ``fabric.save`` writes.
+
+    Raises:
+        ValueError: ``data`` carries ``fabric.save``'s reserved entry.
+    """
+    if reserved_key in data:
+        entries = sorted(k for k in data if k != reserved_key)
+        raise ValueError(
+            f"fabric.load_raw({str(path)!r}, {type(target).__name__}) got a checkpoint written by"
+            f" fabric.save (entries {entries}), not a plain state_dict. Load it with"
+            " fabric.load(path, {'model': model}) instead."
+        )

@@ -72,9 +72,10 @@ class _FabricModule(torch.nn.Module):
         if name == "forward":
             raise ValueError("mark_forward_method('forward') is not needed: forward is always redirected.")
         if not callable(getattr(self._original_module, name, None)):
+            owner = type(self._original_module).__name__
             raise AttributeError(
-                f"mark_forward_method({name!r}): {type(self._original_module).__name__} has no"
-                f" method {name!r}."
+                f"mark_forward_method({name!r}): {owner} has no method {name!r}. Check the spelling,"
+                f" or define {name}() on {owner} before marking it."
             )
         self._forward_methods.add(name)
         self._strategy.register_forward_method(self._forward_module, name)

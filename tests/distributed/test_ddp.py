@@ -249,3 +249,27 @@ def test_forked_workers_run_cpu_ops_after_the_parent_used_its_thread_pool(
     large = torch.randn(1024, 1024)
     (large @ large).softmax(dim=-1).sum()
     assert _fabric().launch(_parallel_cpu_op) == pytest.approx(512.0)
+
+
+def _blocked_in_c_while_the_other_rank_fails(fabric: Fabric) -> None:
+    import os
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    if fabric.global_rank == 1:
+        time.sleep(1.0)
+        raise ValueError("rank 1 fails while rank 0 is blocked")
+    # A call that holds no Python frame for 60 s and that rank 1's death does not interrupt.
+    store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+    store.wait(["a key nobody sets"], timedelta(seconds=60))
+
+
+@pytest.mark.timeout(90)
+def test_a_forked_worker_blocked_in_c_code_stops_at_once_when_another_rank_fails() -> None:
+    # Forked workers inherit the agent's Python-level SIGTERM handler, which a worker blocked in C
+    # would only run after the call returns; the agent would wait 30 s before its SIGKILL.
+    start = time.monotonic()
+    with pytest.raises(WorkerFailedError, match="rank 1 fails while rank 0 is blocked"):
+        _fabric().launch(_blocked_in_c_while_the_other_rank_fails)
+    assert time.monotonic() - start < 15

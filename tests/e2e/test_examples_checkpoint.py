@@ -124,3 +124,25 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(
     left = sorted(p.name for p in crash_dir.iterdir())
     assert left == (names[-len(left) :] if extra else names[-KEEP_LAST:])
     assert KEEP_LAST <= len(left) <= KEEP_LAST + (1 if extra else 0)
+
+
+def test_an_elastic_restart_after_a_killed_worker_resumes_bit_identically(tmp_path: Path) -> None:
+    # `handloom run --max-restarts 1`: rank 1 is SIGKILLed after step 23; the launcher restarts both
+    # workers, which resume from the newest complete checkpoint (step 20) through the example's
+    # one-line CheckpointFolder.resume, and finish with the uninterrupted run's exact weights.
+    elastic = (*HANDLOOM_RUN_DDP, "--max-restarts", "1", SCRIPT)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        uninterrupted = pool.submit(
+            run_example, *LAUNCHERS["ddp-2-processes"], *RUN_ARGS, "--checkpoint-dir", tmp_path / "full"
+        )
+        restarted = pool.submit(
+            run_example,
+            *elastic,
+            *RUN_ARGS,
+            *("--checkpoint-dir", tmp_path / "elastic", "--stop-after", "23", "--crash-rank", "1"),
+        )
+        full: dict[str, Any] = uninterrupted.result()
+        resumed: dict[str, Any] = restarted.result()
+    assert (resumed["resumed_from"], resumed["step"]) == (20, MAX_STEPS)
+    assert resumed["checksum"] == full["checksum"]
+    assert resumed["loss"] == full["loss"]

@@ -227,6 +227,12 @@ def test_worker_env_threads_and_elastic_node_range() -> None:
     assert _env_names.CLI_NUM_NODES not in elastic
 
 
+def test_check_collectives_turns_on_torchs_detail_checks_in_the_workers_only() -> None:
+    env = cli.build_worker_env(parse("--check-collectives", "train.py"), {}, num_cpus=2, num_processes=2)
+    assert env["TORCH_DISTRIBUTED_DEBUG"] == "DETAIL"
+    assert "TORCH_DISTRIBUTED_DEBUG" not in cli.build_worker_env(parse("train.py"), {}, 2, 2)
+
+
 def test_precision_choices_match_the_precision_module() -> None:
     from handloom.precision import PRECISION_INPUTS
 

@@ -145,8 +145,10 @@ def test_clip_gradients_by_norm_and_value() -> None:
     assert fabric.clip_gradients(model, opt, clip_val=0.01) is None
     assert max(p.grad.abs().max().item() for p in model.parameters()) <= 0.01 + 1e-7
     model.module.layer.weight.grad[0, 0] = float("nan")
-    with pytest.raises(RuntimeError, match="non-finite"):
-        fabric.clip_gradients(model, opt, max_norm=1.0)
+    with pytest.raises(
+        RuntimeError, match=r"norm of order 2.0 of the gradients is nan.*error_if_nonfinite=False"
+    ):
+        fabric.clip_gradients(model, opt, max_norm=1.0, error_if_nonfinite=True)
 
 
 def test_misuse_errors_name_the_problem() -> None:

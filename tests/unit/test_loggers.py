@@ -298,7 +298,7 @@ def test_fabric_logger_properties_and_dispatch(tmp_path: Path) -> None:
     for error in (RuntimeError, IndexError):  # IndexError is what Lightning raises
         with pytest.raises(error, match="no logger was given"):
             _ = none.logger
-    with pytest.raises(TypeError, match="got a dict, which has no log_metrics"):
+    with pytest.raises(TypeError, match=r"got \{'not': 'a logger'\} \(type dict\), which has no log_metrics"):
         Fabric(accelerator="cpu", loggers=[csv_logger, {"not": "a logger"}])
 
 

@@ -29,11 +29,16 @@ def consolidate(
     from handloom.sharding.checkpoint import read_sharded
 
     source, target = Path(checkpoint_dir), Path(output_file)
-    if not source.is_dir():
-        what = "a file" if source.is_file() else "nothing"
+    if source.is_file():
         raise FileNotFoundError(
-            f"Cannot consolidate {str(source)!r}: it is {what}, not a sharded checkpoint directory."
-            " Pass the directory fabric.save wrote under FSDP or ModelParallel."
+            f"Cannot consolidate {str(source)!r}: it is a file, not a sharded checkpoint directory."
+            " A single-file checkpoint needs no consolidation: torch.load reads it as it is."
+        )
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"Cannot consolidate {str(source)!r}: nothing is at that path, so it is not a sharded"
+            " checkpoint directory. Check the path: pass the directory fabric.save wrote under FSDP or"
+            " ModelParallel."
         )
     if not staging.is_complete(source):
         raise FileNotFoundError(staging.incomplete_message(source))

@@ -3,8 +3,7 @@
 Example::
 
     folder = CheckpointFolder("checkpoints", keep_last=3)
-    if (latest := folder.latest()) is not None:
-        fabric.load(latest, state)
+    folder.resume(fabric, state)  # the newest complete checkpoint, if any
     ...
     fabric.save(folder.path(step), state)
     if fabric.is_global_zero:
@@ -18,6 +17,7 @@ import re
 import shutil
 import zipfile
 from pathlib import Path
+from typing import Any
 
 from handloom.checkpoint import background, staging
 from handloom.checkpoint.io import TEMP_SUFFIX
@@ -68,7 +68,10 @@ class CheckpointFolder:
     def path(self, step: int) -> Path:
         """Where the checkpoint of ``step`` goes (zero-padded, so names sort by step)."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"CheckpointFolder.path(step={step!r}) needs an int >= 0.")
+            raise ValueError(
+                f"CheckpointFolder.path(step={step!r}) needs an int >= 0: the training step the checkpoint"
+                " is for, for example folder.path(state['step'])."
+            )
         return self.root / f"{self.prefix}{step:09d}{self.suffix}"
 
     def checkpoints(self) -> list[Path]:
@@ -96,6 +99,23 @@ class CheckpointFolder:
         """The newest complete checkpoint, or ``None`` when there is none."""
         complete = self.checkpoints()
         return complete[-1] if complete else None
+
+    def resume(self, fabric: Any, state: dict[str, Any]) -> Path | None:
+        """Load the newest complete checkpoint into ``state`` if there is one; return its path.
+
+        The one line that makes a script resume after a crash, a preemption or an elastic restart
+        (``handloom run --max-restarts N``): every rank loads the checkpoint global rank 0 found,
+        so ranks never resume from different steps. Call it on every rank after ``fabric.setup``.
+
+        Example::
+
+            state = {"model": model, "optimizer": optimizer, "step": 0}
+            CheckpointFolder("checkpoints").resume(fabric, state)  # state["step"] is the saved one
+        """
+        latest: Path | None = fabric.broadcast(self.latest())
+        if latest is not None:
+            fabric.load(latest, state)
+        return latest
 
     def prune(self) -> list[Path]:
         """Delete all but the newest ``keep_last`` complete checkpoints, and leftovers of interrupted saves.

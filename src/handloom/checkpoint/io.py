@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from handloom.validation import describe
+
 TEMP_SUFFIX = ".tmp"
 # How a file written by torch.save(_use_new_zipfile_serialization=False) starts: the pickled magic
 # number (LONG1 opcode, 10 bytes), after the protocol header.
@@ -67,17 +69,38 @@ def _create_temp(target: Path) -> Path:
 
 
 def write_atomic(path: str | os.PathLike[str], payload: Any) -> None:
-    """Save ``payload`` with ``torch.save`` at ``path`` so readers see the old file or the new one."""
+    """Save ``payload`` with ``torch.save`` at ``path`` so readers see the old file or the new one.
+
+    Raises:
+        IsADirectoryError: A directory is at ``path``.
+        NotADirectoryError: A file is where one of the parent directories of ``path`` belongs.
+        TypeError: ``payload`` holds an object that cannot be pickled; the message names its entry.
+    """
     target = Path(path)
     if target.is_dir():
         raise IsADirectoryError(
             f"Cannot write the checkpoint file {str(target)!r}: a directory (perhaps a sharded"
             " checkpoint) is at that path. Choose another path or remove the directory."
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            raise
+        raise NotADirectoryError(
+            f"Cannot write the checkpoint file {str(target)!r}: {str(blocker)!r} is a file, not a"
+            " directory. Choose a path inside a directory, or move that file away."
+        ) from err
     tmp = _create_temp(target)
     try:
-        torch.save(payload, str(tmp))  # a path, not a handle: torch writes it with its own C++ writer
+        try:
+            torch.save(payload, str(tmp))  # a path, not a handle: torch writes it with its own C++ writer
+        except (pickle.PicklingError, AttributeError, TypeError) as err:
+            message = _unpicklable_message(target, payload, err)
+            if message is None:
+                raise
+            raise TypeError(message) from err
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -85,6 +108,41 @@ def write_atomic(path: str | os.PathLike[str], payload: Any) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_directory(target.parent)
+
+
+def _unpicklable_message(target: Path, payload: Any, err: BaseException) -> str | None:
+    """Why ``torch.save`` could not pickle ``payload``, naming the entry at fault (``None`` if none is)."""
+    where = _find_unpicklable(payload, "")
+    if where is None:
+        return None
+    path, value = where
+    return (
+        f"Cannot save the checkpoint {str(target)!r}: state{path} holds {describe(value)} (type"
+        f" {type(value).__name__}), which cannot be pickled ({_first_line(err)}). Save tensors, numbers,"
+        " strings, containers of them and objects with state_dict(); keep other objects out of the state."
+        " The file at that path, if any, is unchanged."
+    )
+
+
+def _find_unpicklable(value: Any, path: str) -> tuple[str, Any] | None:
+    """The first value inside ``value`` that ``pickle`` refuses, with its place, e.g. ``"['fn']"``."""
+    if isinstance(value, torch.Tensor):
+        return None
+    if isinstance(value, dict):
+        items: list[tuple[Any, Any]] = list(value.items())
+    elif isinstance(value, (list, tuple)):
+        items = list(enumerate(value))
+    else:
+        try:
+            pickle.dumps(value)
+        except Exception:
+            return path, value
+        return None
+    for key, item in items:
+        found = _find_unpicklable(item, f"{path}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def read_checkpoint(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from handloom.checkpoint import background, resume
-from handloom.checkpoint.state import SaveRequest, check_user_state
+from handloom.checkpoint.state import SaveRequest, check_load_state, check_path, check_user_state
 
 if TYPE_CHECKING:
     from handloom.strategies.base import Strategy
@@ -63,6 +63,7 @@ class CheckpointSession:
         async_save: bool,
     ) -> None:
         """Build the request for ``fabric.save`` and hand it to the strategy."""
+        check_path(path, "save")
         check_user_state(state, resume.RESUME_KEY)
         entry = resume.rank_entry(self._live_loaders()) if resume_state else None
         request = SaveRequest(Path(path), state, filter, modules, entry, async_save)
@@ -81,6 +82,8 @@ class CheckpointSession:
         weights_only: bool,
     ) -> Any:
         """Restore ``state`` (and, with ``resume_state``, random states, loaders, scaler); return the rest."""
+        check_path(path, "load")
+        check_load_state(state)
         background.wait()  # the checkpoint being loaded may be the one still being written
         strategy = self._strategy
         remainder = strategy.load_checkpoint(path, state, strict, modules, weights_only)

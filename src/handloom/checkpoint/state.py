@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import torch
 
+from handloom.validation import describe
 from handloom.wrappers import unwrap
 
 
@@ -73,6 +75,13 @@ def restore_state(state: dict[str, Any], checkpoint: dict[str, Any], strict: boo
     """
     missing = [key for key in state if key not in checkpoint]
     if strict and missing:
+        if checkpoint and all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+            held = ", ".join(repr(key) for key in sorted(checkpoint)[:3])
+            raise KeyError(
+                f"The checkpoint has no entry {missing[0]!r}: it is a plain state_dict (it holds {held}"
+                f"{', ...' if len(checkpoint) > 3 else ''}), not the dict of objects fabric.save writes."
+                " Load it into the model with fabric.load_raw(path, model)."
+            )
         raise KeyError(
             f"The checkpoint has no entry {missing[0]!r} (it holds {sorted(checkpoint)})."
             " Remove the key from the state you load, or pass strict=False."
@@ -82,7 +91,15 @@ def restore_state(state: dict[str, Any], checkpoint: dict[str, Any], strict: boo
             continue
         obj = unwrap(value)
         if isinstance(obj, torch.nn.Module):
-            obj.load_state_dict(checkpoint[key], strict=strict)
+            try:
+                obj.load_state_dict(checkpoint[key], strict=strict)
+            except RuntimeError as err:
+                raise RuntimeError(
+                    f"The checkpoint's entry {key!r} does not fit the {type(obj).__name__} under {key!r}"
+                    f" in the state: {str(err).strip()}\nIt was saved from a model of another"
+                    " architecture or size. Load it into a model built like the one that saved it;"
+                    " strict=False skips missing and unexpected keys, but the sizes must match."
+                ) from err
         elif _has_state(obj):
             obj.load_state_dict(checkpoint[key])
         else:
@@ -110,6 +127,28 @@ class SaveRequest:
     modules: list[torch.nn.Module]
     resume: dict[str, Any] | None
     async_save: bool
+
+
+def check_path(path: object, method: str) -> None:
+    """Reject a checkpoint ``path`` that is not a ``str`` or ``os.PathLike`` (``TypeError``)."""
+    if isinstance(path, (str, os.PathLike)):
+        return
+    raise TypeError(
+        f"fabric.{method}(path={describe(path)}) needs a file path (a str or os.PathLike), got type"
+        f" {type(path).__name__}. Pass where the checkpoint is, for example"
+        f" fabric.{method}('checkpoints/step-100.ckpt', state)."
+    )
+
+
+def check_load_state(state: object) -> None:
+    """Reject a ``fabric.load`` state that is neither ``None`` nor a dict (``TypeError``)."""
+    if state is None or isinstance(state, dict):
+        return
+    raise TypeError(
+        f"fabric.load(path, state) needs a dict for state (or None to return the whole checkpoint),"
+        f" got type {type(state).__name__}. Put the objects to restore in a dict under the keys they"
+        ' were saved with, for example {"model": model, "optimizer": optimizer}.'
+    )
 
 
 def check_user_state(state: object, reserved: str) -> None:

@@ -23,6 +23,8 @@ class Topology:
         main_port: Port of the rendezvous host, or ``None`` when a free one is to be picked.
         creates_processes_externally: True when a launcher (torchrun, srun, mpirun, ...) already
             started every process; False when handloom must start them.
+        restart_count: How often a torchelastic agent has restarted the workers (0 elsewhere).
+        agent_store: True when the torchelastic agent hosts the job's TCPStore at the main address.
     """
 
     name: str
@@ -35,6 +37,8 @@ class Topology:
     main_address: str | None
     main_port: int | None
     creates_processes_externally: bool
+    restart_count: int = 0
+    agent_store: bool = False
 
 
 class ClusterEnvironment(ABC):

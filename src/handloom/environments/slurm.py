@@ -125,6 +125,24 @@ class SLURMEnvironment(ClusterEnvironment):
             creates_processes_externally=True,
         )
 
+    def job_id(self, env: Mapping[str, str]) -> str:
+        """The id ``scontrol requeue`` takes for this job.
+
+        Args:
+            env: The environment variables.
+
+        Returns:
+            ``<SLURM_ARRAY_JOB_ID>_<SLURM_ARRAY_TASK_ID>`` for a task of an array job, else
+            ``SLURM_JOB_ID``.
+
+        Raises:
+            ValueError: The variable is missing or not a whole number; the message names it.
+        """
+        reader = EnvReader(env, launcher="srun", fix=_FIX)
+        if reader.text("SLURM_ARRAY_JOB_ID") and reader.text("SLURM_ARRAY_TASK_ID"):
+            return f"{reader.integer('SLURM_ARRAY_JOB_ID')}_{reader.integer('SLURM_ARRAY_TASK_ID')}"
+        return str(reader.integer("SLURM_JOB_ID"))
+
     @override
     def __repr__(self) -> str:
         return f"SLURMEnvironment(auto_requeue={self.auto_requeue}, requeue_signal={self.requeue_signal!r})"

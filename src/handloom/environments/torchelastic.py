@@ -76,4 +76,6 @@ class TorchElasticEnvironment(ClusterEnvironment):
             main_address=reader.require_text("MASTER_ADDR"),
             main_port=reader.require_port(),
             creates_processes_externally=True,
+            restart_count=reader.optional_integer("TORCHELASTIC_RESTART_COUNT") or 0,
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )

@@ -9,6 +9,7 @@ import torch
 
 from handloom.apply import apply_to_tensors
 from handloom.loggers.base import _FileLogger, hold_until_exit
+from handloom.validation import describe
 
 
 class NoLoggerError(RuntimeError, IndexError):
@@ -24,9 +25,9 @@ def check_loggers(loggers: list[Any]) -> list[Any]:
     for logger in loggers:
         if not callable(getattr(logger, "log_metrics", None)):
             raise TypeError(
-                f"Fabric(loggers=...) got a {type(logger).__name__}, which has no log_metrics(metrics, step)"
-                " method. Pass handloom.loggers.CSVLogger / TensorBoardLogger objects, or objects with"
-                " that method."
+                f"Fabric(loggers=...) got {describe(logger)} (type {type(logger).__name__}), which has no"
+                " log_metrics(metrics, step) method. Pass handloom.loggers.CSVLogger / TensorBoardLogger"
+                " objects, or objects with that method."
             )
     for logger in loggers:
         if not isinstance(logger, _FileLogger) and callable(getattr(logger, "finalize", None)):
@@ -71,8 +72,8 @@ def check_metrics(metrics: Mapping[str, Any]) -> None:
             check_metrics(value)
         elif isinstance(value, torch.Tensor) and value.numel() != 1:
             raise ValueError(
-                f"fabric.log_dict got a tensor of shape {tuple(value.shape)} for {key!r}; a metric is one"
-                f" number. Log a reduction such as {key}.mean(), or one key per element."
+                f"fabric.log / fabric.log_dict got a tensor of shape {tuple(value.shape)} for {key!r}; a"
+                f" metric is one number. Log a reduction such as {key}.mean(), or one key per element."
             )
 
 

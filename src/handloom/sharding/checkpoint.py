@@ -174,8 +174,14 @@ def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:
 
 
 def _read_meta(path: Path, weights_only: bool = True) -> dict[str, Any]:
-    if not staging.is_complete(path) or not (path / META_FILE).is_file():
+    if not staging.is_complete(path):
         raise FileNotFoundError(staging.incomplete_message(path))
+    if not (path / META_FILE).is_file():
+        raise FileNotFoundError(
+            f"The sharded checkpoint {str(path)!r} has its {staging.MARKER} but no {META_FILE}, so it was"
+            " damaged after it was written (handloom commits a sharded checkpoint only once every file"
+            " is on disk). Load an earlier checkpoint."
+        )
     return single_file.read_checkpoint(path / META_FILE, weights_only=weights_only)
 
 

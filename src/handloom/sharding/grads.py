@@ -48,6 +48,15 @@ def total_grad_norm(groups: list[list[torch.Tensor]], norm_type: float) -> torch
     return _combine(norms, norm_type)
 
 
+def nonfinite_norm_message(norm_type: float, total: torch.Tensor) -> str:
+    """What ``clip_gradients(..., error_if_nonfinite=True)`` says when the norm is NaN or infinite."""
+    return (
+        f"The total norm of order {norm_type} of the gradients is {total.item()}, so they cannot be"
+        " clipped. Look for a NaN/inf loss, lower the learning rate, or pass error_if_nonfinite=False"
+        " to clip anyway."
+    )
+
+
 def clip_grad_norm(
     parameters: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
 ) -> torch.Tensor:
@@ -59,11 +68,7 @@ def clip_grad_norm(
     groups = _group_by_mesh(parameters)
     total = total_grad_norm(groups, float(norm_type))
     if error_if_nonfinite and not torch.isfinite(total).item():
-        raise RuntimeError(
-            f"The total norm of order {norm_type} of the gradients is {total.item()}, so they cannot be"
-            " clipped. Look for a NaN/inf loss, lower the learning rate, or pass error_if_nonfinite=False"
-            " to clip anyway."
-        )
+        raise RuntimeError(nonfinite_norm_message(norm_type, total))
     for members in groups:
         torch.nn.utils.clip_grads_with_norm_(members, max_norm, total)
     return total

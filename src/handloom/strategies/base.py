@@ -199,10 +199,23 @@ class Strategy:
     def clip_grad_norm(
         self, parameters: list[torch.Tensor], max_norm: float, norm_type: float, error_if_nonfinite: bool
     ) -> torch.Tensor:
-        """Clip gradients to a total norm and return the norm before clipping."""
-        return torch.nn.utils.clip_grad_norm_(
-            parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
-        )
+        """Clip gradients to a total norm and return the norm before clipping.
+
+        Raises:
+            RuntimeError: ``error_if_nonfinite`` and the norm is NaN or infinite; the message gives it.
+        """
+        try:
+            return torch.nn.utils.clip_grad_norm_(
+                parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
+            )
+        except RuntimeError as err:
+            if not error_if_nonfinite:
+                raise
+            from handloom.sharding.grads import nonfinite_norm_message
+
+            grads = [p.grad for p in parameters if p.grad is not None]
+            total = torch.nn.utils.get_total_norm(grads, norm_type)
+            raise RuntimeError(nonfinite_norm_message(norm_type, total)) from err
 
     # --- checkpoints ----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

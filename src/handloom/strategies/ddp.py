@@ -20,9 +20,12 @@ class DDPStrategy(ParallelStrategy):
 
     Args:
         process_group_backend: ``"gloo"``, ``"nccl"``, ... Defaults to NCCL on CUDA, gloo otherwise.
-        timeout: How long a collective may wait for the other ranks.
+        timeout: How long a collective may wait for the other ranks (default 10 minutes).
         start_method: ``"popen"`` re-runs the script per process (``strategy="ddp"``);
             ``"spawn"``, ``"fork"`` and ``"forkserver"`` start ``fabric.launch(fn)`` in new processes.
+        check_collectives: Check every collective across ranks (torch's ``DETAIL`` debug level):
+            a collective some ranks never reach fails naming them, one that differs between ranks
+            fails at once. Costs an extra round trip per collective; for debugging hangs.
         **ddp_kwargs: Passed to ``DistributedDataParallel`` (``find_unused_parameters``,
             ``static_graph``, ``gradient_as_bucket_view``, ``bucket_cap_mb``, ...).
 
@@ -38,9 +41,11 @@ class DDPStrategy(ParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
+        check_collectives: bool = False,
         **ddp_kwargs: Any,
     ) -> None:
-        super().__init__(process_group_backend, timeout, start_method)
+        super().__init__(process_group_backend, timeout, start_method, check_collectives)
+        _check_ddp_kwargs(ddp_kwargs)
         self.ddp_kwargs = ddp_kwargs
 
     @override
@@ -57,3 +62,26 @@ class DDPStrategy(ParallelStrategy):
         if not enabled or not isinstance(module, DistributedDataParallel):
             return Strategy.no_backward_sync(self, module, enabled)
         return module.no_sync()
+
+
+# Set by DDPStrategy itself from the device it runs on.
+_MANAGED_DDP_OPTIONS = frozenset({"self", "module", "device_ids", "output_device"})
+
+
+def _check_ddp_kwargs(ddp_kwargs: dict[str, Any]) -> None:
+    """Reject keywords ``DistributedDataParallel`` does not take now, not inside the launched job.
+
+    Raises:
+        TypeError: A keyword that is neither DDPStrategy's nor DistributedDataParallel's.
+    """
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    accepted = set(inspect.signature(DistributedDataParallel.__init__).parameters) - _MANAGED_DDP_OPTIONS
+    unknown = sorted(set(ddp_kwargs) - accepted)
+    if unknown:
+        raise TypeError(
+            f"DDPStrategy({unknown[0]}=...) is not an option of DDPStrategy or of DistributedDataParallel."
+            f" DistributedDataParallel takes: {', '.join(sorted(accepted))}."
+        )

@@ -62,6 +62,8 @@ class FSDPStrategy(ShardedStrategy):
             here) before it raises an error naming the ranks that did not; default 15 s.
         start_method: How handloom starts processes: ``"popen"`` (re-run the script, default),
             ``"spawn"`` or ``"fork"`` (run ``fabric.launch(fn)``).
+        check_collectives: Check every collective across ranks (torch's ``DETAIL`` debug level),
+            so one that some ranks never reach names them; for debugging hangs (see DDPStrategy).
         **kwargs: Passed to ``fully_shard`` (``reshard_after_forward``, ``shard_placement_fn``, ...).
             FSDP1-only options (``limit_all_gathers``, ``use_orig_params``, ...) are accepted and ignored.
 
@@ -90,6 +92,7 @@ class FSDPStrategy(ShardedStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
+        check_collectives: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -98,6 +101,7 @@ class FSDPStrategy(ShardedStrategy):
             timeout,
             start_method,
             save_timeout,
+            check_collectives,
         )
         owner = type(self).__name__
         self.auto_wrap_policy = resolve_module_policy(

@@ -75,6 +75,8 @@ class ModelParallelStrategy(ShardedStrategy):
         save_timeout: How long ``fabric.save`` waits for every rank to call it (it is collective
             here) before it raises an error naming the ranks that did not; default 15 s.
         start_method: ``"popen"`` (default), ``"spawn"`` or ``"fork"``.
+        check_collectives: Check every collective across ranks (torch's ``DETAIL`` debug level),
+            so one that some ranks never reach names them; for debugging hangs (see DDPStrategy).
 
     Raises:
         TypeError: ``parallelize_fn`` is not callable.
@@ -94,6 +96,7 @@ class ModelParallelStrategy(ShardedStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
+        check_collectives: bool = False,
     ) -> None:
         super().__init__(
             "sharded" if save_distributed_checkpoint else "full",
@@ -101,6 +104,7 @@ class ModelParallelStrategy(ShardedStrategy):
             timeout,
             start_method,
             save_timeout,
+            check_collectives,
         )
         if not callable(parallelize_fn):
             raise TypeError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +15,10 @@ if TYPE_CHECKING:
     from handloom.devices import AcceleratorName, HardwareProbe
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
-DEFAULT_TIMEOUT = timedelta(minutes=30)
+# torch's own default for NCCL. A dead rank ends the job within seconds whatever this is (the
+# launcher stops the others, and gloo fails on a closed connection); the timeout bounds the rest:
+# a collective that some ranks never reach. torch's gloo default of 30 minutes is too long to wait.
+DEFAULT_TIMEOUT = timedelta(minutes=10)
 # How long a collective save waits for every rank to call it before saying which ranks did not.
 DEFAULT_SAVE_TIMEOUT = timedelta(seconds=15)
 
@@ -24,9 +28,11 @@ class ParallelStrategy(Strategy):
 
     Args:
         process_group_backend: ``"gloo"``, ``"nccl"``, ... Defaults to NCCL on CUDA, gloo otherwise.
-        timeout: How long a collective may wait for the other ranks.
+        timeout: How long a collective may wait for the other ranks (default 10 minutes).
         start_method: ``"popen"`` re-runs the script per process; ``"spawn"``, ``"fork"`` and
             ``"forkserver"`` start ``fabric.launch(fn)`` in new processes.
+        check_collectives: Turn on torch's collective checks (``TORCH_DISTRIBUTED_DEBUG=DETAIL``)
+            before the process group is created.
     """
 
     is_distributed = True
@@ -36,6 +42,7 @@ class ParallelStrategy(Strategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
+        check_collectives: bool = False,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -50,8 +57,16 @@ class ParallelStrategy(Strategy):
                 f"{owner}(timeout={timeout!r}) must be a datetime.timedelta,"
                 " for example timedelta(minutes=10)."
             )
+        if not isinstance(check_collectives, bool):
+            raise TypeError(f"{owner}(check_collectives={check_collectives!r}) must be True or False.")
+        if timeout is not None and timeout.total_seconds() <= 0:
+            raise ValueError(
+                f"{owner}(timeout={timeout!r}) must be positive: it is how long a collective waits for"
+                " the other ranks. Pass for example timedelta(minutes=10)."
+            )
         self.process_group_backend = process_group_backend
         self.timeout = timeout or DEFAULT_TIMEOUT
+        self.check_collectives = check_collectives
         self.start_method = start_method
 
     @override
@@ -77,6 +92,12 @@ class ParallelStrategy(Strategy):
             torch.cuda.set_device(self.root_device)
         from handloom import distributed
 
+        if self.check_collectives:
+            import torch.distributed as dist
+
+            # Public and documented (torch.distributed.set_debug_level), but not re-exported in the stubs.
+            detail = dist.DebugLevel.DETAIL  # type: ignore[attr-defined]
+            dist.set_debug_level(detail)  # type: ignore[attr-defined]  # read when the group is created
         distributed.init_process_group(
             self.runtime.topology, backend=self.backend, timeout=self.timeout, device=self.root_device
         )
@@ -86,28 +107,44 @@ class ParallelStrategy(Strategy):
     def distributed_sampler_kwargs(self) -> tuple[int, int] | None:
         return self.world_size, self.global_rank
 
+    def _naming_failures(self, what: str) -> AbstractContextManager[None]:
+        from handloom import distributed
+
+        return distributed.naming_failures(what, self.timeout, type(self).__name__)
+
     @override
     def barrier(self, name: str | None = None) -> None:
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        if not torch.distributed.is_initialized():
+            return
+        from handloom import distributed
+
+        with self._naming_failures("fabric.barrier()" if name is None else f"fabric.barrier({name!r})"):
+            if name is None:
+                torch.distributed.barrier()
+                return
+            names = distributed.barrier_names(name)
+        distributed.check_barrier_names(name, names)
 
     @override
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
         from handloom import distributed
 
-        return distributed.all_reduce(tensor.to(self.root_device), reduce_op, group)
+        with self._naming_failures("fabric.all_reduce"):
+            return distributed.all_reduce(tensor.to(self.root_device), reduce_op, group)
 
     @override
     def all_gather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor | list[torch.Tensor]:
         from handloom import distributed
 
-        return distributed.all_gather(tensor.to(self.root_device), group)
+        with self._naming_failures("fabric.all_gather"):
+            return distributed.all_gather(tensor.to(self.root_device), group)
 
     @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         from handloom import distributed
 
-        return distributed.broadcast(obj, src, self.root_device)
+        with self._naming_failures("fabric.broadcast"):
+            return distributed.broadcast(obj, src, self.root_device)
 
     @override
     def teardown(self) -> None:

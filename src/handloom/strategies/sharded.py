@@ -66,10 +66,11 @@ class ShardedStrategy(ParallelStrategy):
         timeout: Any,
         start_method: str,
         save_timeout: timedelta,
+        check_collectives: bool,
     ) -> None:
-        super().__init__(process_group_backend, timeout, start_method)
+        super().__init__(process_group_backend, timeout, start_method, check_collectives)
         if not isinstance(save_timeout, timedelta) or save_timeout.total_seconds() <= 0:
-            raise TypeError(
+            raise (ValueError if isinstance(save_timeout, timedelta) else TypeError)(
                 f"{type(self).__name__}(save_timeout={save_timeout!r}) must be a positive"
                 " datetime.timedelta, for example timedelta(seconds=60)."
             )

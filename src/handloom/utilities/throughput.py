@@ -79,7 +79,10 @@ class Throughput:
         separator: str = "/",
     ) -> None:
         if world_size < 1:
-            raise ValueError(f"Throughput(world_size={world_size}) must be at least 1.")
+            raise ValueError(
+                f"Throughput(world_size={world_size}) must be at least 1: it is the number of processes"
+                " in the job. Pass world_size=fabric.world_size, or leave the default 1 for one process."
+            )
         if window_size < 2:
             raise ValueError(
                 f"Throughput(window_size={window_size}) cannot hold a time interval: a rate needs two"
