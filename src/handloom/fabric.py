@@ -85,6 +85,7 @@ class Fabric:
         self._launched = False
         self._setup_objects: weakref.WeakSet[Any] = weakref.WeakSet()
         self._checkpoints = self._new_checkpoint_session()
+        self._preemption: preemption.PreemptionWatcher | None = None
         if self._plan.launch in ("none", "external"):
             self._bind(self._plan.topology)
         if type(self).run is not Fabric.run:
@@ -177,6 +178,7 @@ class Fabric:
         state = self.__dict__.copy()
         state["_setup_objects"] = None
         state["_checkpoints"] = None
+        state["_preemption"] = None  # signal handlers belong to the process that installed them
         state["_launched"] = False
         state.pop("run", None)
         return state
@@ -518,14 +520,17 @@ class Fabric:
                     break
         """
         self._ensure_running()
-        plan = preemption.resolve_preemption(self._plan.environment, self.global_rank, os.environ)
-        watcher = preemption.install_preemption_handlers(
-            plan.signals,
-            grace=preemption.check_grace(grace, "fabric.preemption_requested"),
-            requeue_job_id=plan.requeue_job_id,
-            # A background save lands (or its failure ends the process with status 1) before the requeue.
-            before_requeue=self._checkpoints._wait_at_exit,
-        )
+        watcher = self._preemption
+        if watcher is None or watcher.grace != preemption.check_grace(grace, "fabric.preemption_requested"):
+            plan = preemption.resolve_preemption(self._plan.environment, self.global_rank, os.environ)
+            watcher = preemption.install_preemption_handlers(
+                plan.signals,
+                grace=preemption.check_grace(grace, "fabric.preemption_requested"),
+                requeue_job_id=plan.requeue_job_id,
+                # A background save lands (or its failure ends the process with status 1) before the requeue.
+                before_requeue=self._checkpoints.wait_at_exit,
+            )
+            self._preemption = watcher
         requested = watcher.received is not None
         if self.world_size > 1:
             flag = torch.tensor(int(requested), dtype=torch.int32)

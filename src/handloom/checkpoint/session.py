@@ -108,10 +108,11 @@ class CheckpointSession:
 
     def _install_exit_hook(self) -> None:
         if not self._exit_hook:
-            atexit.register(self._wait_at_exit)
+            atexit.register(self.wait_at_exit)
             self._exit_hook = True
 
-    def _wait_at_exit(self) -> None:
+    def wait_at_exit(self) -> None:
+        """Finish the background save in flight; if it failed, say so and end the process with status 1."""
         try:
             background.wait()
         except background.CheckpointSaveError as err:
