@@ -187,11 +187,18 @@ class PreemptionWatcher:
             previous(signum, frame)
 
     def _restore_after_fork(self) -> None:
-        """In a forked child (a DataLoader worker, say), put back what the parent had before us."""
+        """In a forked child (a DataLoader worker, say), put back what the parent had before us.
+
+        Except that a warning signal other than SIGTERM (Slurm's SIGUSR1), whose default would kill
+        the child, is ignored there: Slurm sends it to every process of the step, and a worker
+        killed by it fails the parent's next batch just when the loop is saving. The parent decides
+        when its workers stop. SIGTERM keeps its default, so the parent can still end them.
+        """
         with contextlib.suppress(ValueError, OSError):
             signal.set_wakeup_fd(self._old_wakeup_fd)
             for signum, previous in self._previous.items():
-                signal.signal(signum, previous)
+                keep_alive = signum != signal.SIGTERM and previous is signal.SIG_DFL
+                signal.signal(signum, signal.SIG_IGN if keep_alive else previous)
         self._reader.close()
         self._writer.close()
         atexit.unregister(self._requeue_at_exit)

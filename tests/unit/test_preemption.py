@@ -166,6 +166,30 @@ def test_a_signal_sets_the_flag_and_earlier_handlers_keep_running() -> None:
     assert result.returncode == 0 and result.stdout.strip() == "OK", _output(result)
 
 
+FORKED_WORKER_CHILD = """
+import os, signal, time
+from handloom.preemption import install_preemption_handlers
+
+install_preemption_handlers((signal.SIGTERM, signal.SIGUSR1), grace=None)
+pid = os.fork()  # a DataLoader worker: Slurm's warning reaches it too
+if pid == 0:
+    os.kill(os.getpid(), signal.SIGUSR1)  # ignored: the worker keeps feeding the loop
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)  # the default: the parent can still end it
+    time.sleep(5)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_forked_worker_survives_slurms_warning_and_still_ends_on_sigterm() -> None:
+    result = _run(FORKED_WORKER_CHILD)
+    assert result.returncode == 0, _output(result)
+    assert result.stdout.strip() == str(-signal.SIGTERM), _output(result)
+
+
 WATCHDOG_CHILD = """
 import os, signal, sys, time
 from handloom.preemption import install_preemption_handlers
