@@ -492,9 +492,9 @@ class Fabric:
         The signals are SIGTERM and, under Slurm, ``SLURMEnvironment.requeue_signal`` (SIGUSR1 by
         default; ask Slurm for it with ``#SBATCH --signal=USR1@90``). The first call installs the
         handlers, so a script that never asks keeps the default behaviour. With several processes
-        the ranks agree with one all-reduce of a one-element tensor (on the strategy's device and
-        process group), so every rank must call this at the same point of the loop, like
-        :meth:`barrier`; with one process no collective runs.
+        the ranks agree with one all-reduce of a one-element CPU tensor (over gloo; beside NCCL, on a
+        gloo group of its own, so polling never waits for the GPU), so every rank must call this at
+        the same point of the loop, like :meth:`barrier`; with one process no collective runs.
 
         If the loop has not seen the request ``grace`` seconds after the signal (a rank blocked in a
         collective never polls), the process is ended the way the signal would have ended it; a
@@ -531,10 +531,7 @@ class Fabric:
                 before_requeue=self._checkpoints.wait_at_exit,
             )
             self._preemption = watcher
-        requested = watcher.received is not None
-        if self.world_size > 1:
-            flag = torch.tensor(int(requested), dtype=torch.int32)
-            requested = bool(self._strategy.all_reduce(flag, "max").item())
+        requested = self._strategy.any_rank(watcher.received is not None, "fabric.preemption_requested()")
         if requested:
             watcher.acknowledge()
         return requested

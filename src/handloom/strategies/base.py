@@ -269,6 +269,10 @@ class Strategy:
     def barrier(self, name: str | None = None) -> None:
         """Wait until every process reaches this point."""
 
+    def any_rank(self, flag: bool, what: str) -> bool:
+        """True on every process when ``flag`` is True on any (``what`` names the call in errors)."""
+        return flag
+
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
         """Reduce ``tensor`` over processes."""
         from handloom.distributed import resolve_reduce_op

@@ -68,6 +68,7 @@ class ParallelStrategy(Strategy):
         self.timeout = timeout or DEFAULT_TIMEOUT
         self.check_collectives = check_collectives
         self.start_method = start_method
+        self._cpu_group: Any = None
 
     @override
     def check_compatible(
@@ -126,6 +127,27 @@ class ParallelStrategy(Strategy):
         distributed.check_barrier_names(name, names)
 
     @override
+    def any_rank(self, flag: bool, what: str) -> bool:
+        """An all-reduce of one CPU integer: on gloo directly, beside NCCL on a gloo group of its own.
+
+        Polled every step (``fabric.preemption_requested()``), so it never waits for the device.
+        The first call creates the gloo group, which every rank does at the same call.
+        """
+        if not torch.distributed.is_initialized() or self.world_size == 1:
+            return flag
+        from handloom import distributed
+
+        group = None
+        if self.backend != "gloo":
+            if self._cpu_group is None:
+                self._cpu_group = distributed.new_side_group(self.timeout)
+            group = self._cpu_group
+        value = torch.tensor([int(flag)], dtype=torch.int32)
+        with self._naming_failures(what):
+            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+        return bool(value.item())
+
+    @override
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
         from handloom import distributed
 
@@ -145,6 +167,12 @@ class ParallelStrategy(Strategy):
 
         with self._naming_failures("fabric.broadcast"):
             return distributed.broadcast(obj, src, self.root_device)
+
+    @override
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_cpu_group"] = None  # a process group belongs to the process that created it
+        return state
 
     @override
     def teardown(self) -> None:
