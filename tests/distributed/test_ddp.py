@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
 from handloom.launcher import WorkerFailedError
+from handloom.strategies import DDPStrategy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -273,3 +274,24 @@ def test_a_forked_worker_blocked_in_c_code_stops_at_once_when_another_rank_fails
     with pytest.raises(WorkerFailedError, match="rank 1 fails while rank 0 is blocked"):
         _fabric().launch(_blocked_in_c_while_the_other_rank_fails)
     assert time.monotonic() - start < 15
+
+
+def _stop_on_preemption(fabric: Fabric) -> int:
+    import os
+    import signal
+
+    for step in range(1, 100):
+        if step == 3 and fabric.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler the first poll installed
+        if fabric.preemption_requested():
+            return step
+    return -1
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"], ids=["default-group", "side-group"])
+def test_preemption_on_one_rank_stops_every_rank_at_the_same_step(backend: str) -> None:
+    # A backend other than plain gloo (NCCL on GPUs; "cpu:gloo" here) polls on a gloo group of
+    # its own, created by the first poll.
+    strategy = DDPStrategy(start_method="fork", process_group_backend=backend)
+    results = Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(_stop_on_preemption)
+    assert results == 3

@@ -112,3 +112,21 @@ def test_fsdp_over_nccl() -> None:
         _fsdp_gpu_train
     )
     assert losses[-1] < losses[0]
+
+
+def _stop_on_preemption(fabric: Fabric) -> int:
+    import os
+    import signal
+
+    for step in range(1, 100):
+        if step == 3 and fabric.global_rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded by the handler installed at step 1
+        if fabric.preemption_requested():  # a CPU all-reduce on a gloo group beside NCCL
+            return step
+    return -1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_preemption_is_agreed_beside_nccl() -> None:
+    fabric = Fabric(accelerator="cuda", devices=2, strategy="ddp_spawn")
+    assert fabric.launch(_stop_on_preemption) == 3
