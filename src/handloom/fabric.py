@@ -520,12 +520,13 @@ class Fabric:
                     break
         """
         self._ensure_running()
+        grace_s = preemption.check_grace(grace, "fabric.preemption_requested")
         watcher = self._preemption
-        if watcher is None or watcher.grace != preemption.check_grace(grace, "fabric.preemption_requested"):
+        if watcher is None or watcher.grace != grace_s:  # a changed grace is refused by the install
             plan = preemption.resolve_preemption(self._plan.environment, self.global_rank, os.environ)
             watcher = preemption.install_preemption_handlers(
                 plan.signals,
-                grace=preemption.check_grace(grace, "fabric.preemption_requested"),
+                grace=grace_s,
                 requeue_job_id=plan.requeue_job_id,
                 # A background save lands (or its failure ends the process with status 1) before the requeue.
                 before_requeue=self._checkpoints.wait_at_exit,

@@ -140,12 +140,14 @@ def _split_plugins(
 
 
 def _check_num_nodes(num_nodes: object) -> int:
-    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 1:
-        kind = ValueError if isinstance(num_nodes, int) and not isinstance(num_nodes, bool) else TypeError
-        raise kind(
-            f"Fabric(num_nodes={num_nodes!r}) must be an integer of at least 1."
-            " Pass the number of machines in the job, for example num_nodes=2."
-        )
+    message = (
+        f"Fabric(num_nodes={num_nodes!r}) must be an integer of at least 1."
+        " Pass the number of machines in the job, for example num_nodes=2."
+    )
+    if isinstance(num_nodes, bool) or not isinstance(num_nodes, int):
+        raise TypeError(message)
+    if num_nodes < 1:
+        raise ValueError(message)
     return num_nodes
 
 

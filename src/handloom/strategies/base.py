@@ -204,18 +204,15 @@ class Strategy:
         Raises:
             RuntimeError: ``error_if_nonfinite`` and the norm is NaN or infinite; the message gives it.
         """
-        try:
-            return torch.nn.utils.clip_grad_norm_(
-                parameters, max_norm, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite
-            )
-        except RuntimeError as err:
-            if not error_if_nonfinite:
-                raise
+        # torch's clip_grad_norm_ in its two public steps, so a non-finite norm is reported with its value.
+        grads = [p.grad for p in parameters if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, norm_type)
+        if error_if_nonfinite and not torch.isfinite(total).item():
             from handloom.sharding.grads import nonfinite_norm_message
 
-            grads = [p.grad for p in parameters if p.grad is not None]
-            total = torch.nn.utils.get_total_norm(grads, norm_type)
-            raise RuntimeError(nonfinite_norm_message(norm_type, total)) from err
+            raise RuntimeError(nonfinite_norm_message(norm_type, total))
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total)
+        return total
 
     # --- checkpoints ----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
