@@ -13,7 +13,7 @@ drift and a busy machine fall on all of them alike), after one untimed warm-up r
 * ``torch.save + fsync``: the same, then ``os.fsync`` of the file, which is what a user who wants
   the checkpoint on disk pays (handloom's save fsyncs the file and its directory);
 * ``fabric.save``: ``fabric.save(path, {"model": model})``, blocking: an atomic write (temporary
-  file, fsync, rename, fsync of the directory) that also records the resume state;
+  file, fsync, rename, fsync of the directory) of exactly that state;
 * ``fabric.save(async_save=True)``: the time until the call returns (the training-loop stall);
   the background write is then awaited with ``handloom.checkpoint.background.wait()``, outside
   the stall, and the time from the call to the file being written is reported beside it.

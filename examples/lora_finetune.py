@@ -186,8 +186,7 @@ def main(args: argparse.Namespace) -> None:
 
     # Save only the adapter: the filter keeps the state-dict entries whose names contain "lora".
     path = output_dir(fabric, args.output_dir) / "adapter.ckpt"
-    fabric.save(path, {"model": model}, filter={"model": lambda k, v: "lora" in k})
-    fabric.barrier()  # rank 0 writes the file; the others read it below
+    fabric.save(path, {"model": model}, filter={"model": lambda k, v: "lora" in k})  # on every rank
 
     # Base weights from their source + the adapter file = the fine-tuned model.
     restored = fabric.to_device(add_lora(build_base_model(args.seed), args.rank))

@@ -161,7 +161,9 @@ class Trainer:
         return val_loss
 
     def save_checkpoint(self, path: Path, model: Any, optimizer: Any) -> None:
-        """Every process calls this: DDP writes from rank 0, sharded strategies from every rank."""
+        """Every process calls this: DDP writes from rank 0, sharded strategies from every rank.
+
+        ``fabric.save`` returns once the checkpoint is complete, on every process."""
         state = {
             "model": model,
             "optimizer": optimizer,
@@ -169,7 +171,6 @@ class Trainer:
             "global_step": self.global_step,
         }
         self.fabric.save(path, state)
-        self.fabric.barrier()  # the checkpoint is complete before any process goes on
 
     def load_checkpoint(self, path: Path, model: Any, optimizer: Any) -> None:
         state = {"model": model, "optimizer": optimizer, "epoch": 0, "global_step": 0}

@@ -4,8 +4,10 @@ A small MLP classifier (with dropout and noise augmentation, so the random strea
 Gaussian clusters from a shuffled DataLoader, with AdamW and a cosine learning-rate schedule.
 Every ``--save-every`` steps the run saves a checkpoint into ``--checkpoint-dir`` (keeping the
 newest ``--keep-last``); when it starts and finds a checkpoint there, it resumes from the newest
-complete one. ``fabric.save`` records the random states and the dataloader's position, so a run
-that is killed and restarted ends with exactly the same weights as one that never stopped.
+complete one. The state holds the set-up dataloader, a ``RandomState`` and the precision runner
+(the gradient scaler of ``16-mixed``) beside the model and optimizer, so every rank's loader
+position and random streams are saved and restored: a run that is killed and restarted ends with
+exactly the same weights as one that never stopped.
 
 Try it (one CPU process by default)::
 
@@ -46,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
-from handloom.checkpoint import CheckpointFolder
+from handloom.checkpoint import CheckpointFolder, RandomState
 
 # Used when the script launches itself; under `handloom run` the launcher's flags decide instead.
 STANDALONE_DEFAULTS = {"accelerator": "cpu", "devices": 1}
@@ -148,7 +150,7 @@ def crash(fabric: Fabric, step: int) -> None:
 def main(args: argparse.Namespace) -> None:
     fabric = build_fabric(args)
     fabric.launch()  # with strategy="ddp" this re-runs the script once per device; the rest runs there
-    fabric.seed_everything(args.seed)  # every rank alike, so the single-file checkpoint resumes exactly
+    fabric.seed_everything(args.seed)
 
     dataset = make_dataset(args.num_samples)
     train_loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
@@ -159,10 +161,19 @@ def main(args: argparse.Namespace) -> None:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.max_steps)
     criterion = nn.CrossEntropyLoss()
 
-    # Resume: the objects are restored in place; "step" is written back into `state`. The loader
-    # continues mid-epoch in the same shuffled order, and the random states are those of the save.
+    # Resume: the objects are restored in place; "step" is written back into `state`. With the
+    # loader in the state it continues mid-epoch in the same shuffled order; with RandomState each
+    # rank's random streams are those of the save; "precision" carries the gradient scaler.
     folder = CheckpointFolder(args.checkpoint_dir, keep_last=args.keep_last)
-    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "step": 0}
+    state: dict[str, Any] = {
+        "model": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "loader": train_loader,
+        "rng": RandomState(),
+        "precision": fabric.strategy.precision,
+        "step": 0,
+    }
     latest = folder.resume(fabric, state)  # every rank loads the newest checkpoint rank 0 found
     if latest is not None:
         fabric.print(f"Resumed from {latest} at step {state['step']}")
@@ -190,7 +201,8 @@ def main(args: argparse.Namespace) -> None:
             preempted = fabric.preemption_requested()
             if step % args.save_every == 0 or step == args.max_steps or preempted:
                 state["step"] = step
-                # Single device/DDP: rank 0 writes one file. FSDP: every rank writes its shards.
+                # Every rank calls save. Single device/DDP: rank 0 writes one file; FSDP: every rank
+                # writes its shards. It returns once the checkpoint is complete.
                 fabric.save(folder.path(step), state, async_save=args.async_save and not preempted)
                 if fabric.is_global_zero:
                     folder.prune()  # keep the newest --keep-last, remove leftovers of interrupted saves

@@ -104,7 +104,7 @@ def build_model(num_features: int, num_classes: int) -> nn.Module:
 
 
 def save_checkpoint(fabric: Fabric, model: Any, optimizer: Any, epoch: int, step: int, path: Path) -> None:
-    """Save a distributed-safe checkpoint with Fabric."""
+    """Save a checkpoint with Fabric: every rank calls it, rank 0 writes the file."""
     state = {
         "model": model,  # Fabric extracts the state dict from behind the DDP wrapper
         "optimizer": optimizer,
@@ -223,13 +223,12 @@ def main(args: argparse.Namespace) -> None:
             f" | val loss: {val_loss:.4f} | val acc: {val_acc:.4f}"
         )
 
-        if args.checkpoint_dir is not None and fabric.is_global_zero:
+        if args.checkpoint_dir is not None:
             # "epoch" counts the epochs done, so a resumed run starts right after this one.
             path = checkpoint_path(args.checkpoint_dir, epoch + 1)
-            save_checkpoint(fabric, model, optimizer, epoch + 1, step, path)
+            save_checkpoint(fabric, model, optimizer, epoch + 1, step, path)  # every rank calls it
             fabric.print(f"Saved {path}")
 
-    fabric.barrier()  # report only once rank 0 has written the last checkpoint
     result = {
         "start_epoch": start_epoch,
         "epochs": args.epochs,

@@ -24,6 +24,15 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
+# Casts that change only real floating-point tensors (complex and integer ones keep their dtype).
+_REAL_CASTS: dict[torch.dtype, Callable[[torch.nn.Module], torch.nn.Module]] = {
+    torch.float64: torch.nn.Module.double,
+    torch.float32: torch.nn.Module.float,
+    torch.float16: torch.nn.Module.half,
+    torch.bfloat16: torch.nn.Module.bfloat16,
+}
+
+
 class AmpRunner:
     """Autocast, dtype conversion and the gradient scaler for one process.
 
@@ -38,8 +47,21 @@ class AmpRunner:
         self.scaler: torch.amp.GradScaler | None = (
             torch.amp.GradScaler(device_type) if policy.grad_scaling else None
         )
-        self._scaled_backward_pending = False
+        # Scaled backward passes so far, and per optimizer (by id) the count at its last step: an
+        # optimizer may step once per backward, and several optimizers may share one backward.
+        self._num_backwards = 0
+        self._stepped_at: dict[int, int] = {}
         self._unscaled: set[int] = set()
+        self._update_pending = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The gradient scaler's state (``{}`` without a scaler), for a checkpoint."""
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the gradient scaler from :meth:`state_dict`; nothing to do without a scaler."""
+        if self.scaler is not None and state_dict:
+            self.scaler.load_state_dict(state_dict)
 
     def forward_context(self) -> AbstractContextManager[Any]:
         """The context a forward pass runs in: autocast for ``*-mixed``, a default dtype for ``*-true``."""
@@ -56,10 +78,15 @@ class AmpRunner:
         return contextlib.nullcontext()
 
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Cast parameters and buffers for ``*-true`` precisions; leave them alone otherwise."""
-        if self.policy.param_dtype is not None:
-            return module.to(dtype=self.policy.param_dtype)
-        return module
+        """Cast floating-point parameters and buffers for ``*-true`` precisions; leave them alone otherwise.
+
+        Complex and integer tensors keep their dtype, as with ``module.double()`` or ``module.half()``
+        (``module.to(dtype=...)`` would also cast complex tensors and drop their imaginary part).
+        """
+        dtype = self.policy.param_dtype
+        if dtype is None:
+            return module
+        return _REAL_CASTS[dtype](module)
 
     def convert_input(self, data: Any) -> Any:
         """Cast floating-point inputs to the parameter dtype for ``*-true`` precisions."""
@@ -105,8 +132,10 @@ class AmpRunner:
     def backward(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Run backward, scaling the loss first when a gradient scaler is in use."""
         if self.scaler is not None:
-            self._scaled_backward_pending = True
+            if self._update_pending:  # an unscaled optimizer was never stepped: the step is over
+                self._update()
             torch.autograd.backward(self.scaler.scale(tensor), *args, **kwargs)
+            self._num_backwards += 1
         else:
             torch.autograd.backward(tensor, *args, **kwargs)
 
@@ -129,14 +158,25 @@ class AmpRunner:
                 " scaler needs the backward pass to happen before the step. Use precision='bf16-mixed' or"
                 " '32-true' for closure-based optimizers such as LBFGS."
             )
-        if not self._scaled_backward_pending:
+        if self._stepped_at.get(id(optimizer), 0) == self._num_backwards:
             raise RuntimeError(
-                f"optimizer.step() was called without fabric.backward(loss) since the last step. With"
-                f" precision={self.policy.name!r} the loss must be scaled: replace loss.backward() with"
-                " fabric.backward(loss)."
+                f"optimizer.step() was called without fabric.backward(loss) since this optimizer's last"
+                f" step. With precision={self.policy.name!r} the loss must be scaled: replace"
+                " loss.backward() with fabric.backward(loss)."
             )
         result = self.scaler.step(optimizer)
-        self.scaler.update()
-        self._scaled_backward_pending = False
+        self._stepped_at[id(optimizer)] = self._num_backwards
         self._unscaled.discard(id(optimizer))
+        # As in Lightning, the scale is updated after each optimizer's step, except while another
+        # optimizer was already unscaled (clipped) for this step and has not stepped: an update now
+        # would make the scaler unscale its gradients a second time, with the new scale.
+        self._update_pending = True
+        if not self._unscaled:
+            self._update()
         return result
+
+    def _update(self) -> None:
+        assert self.scaler is not None
+        self.scaler.update()
+        self._update_pending = False
+        self._unscaled.clear()

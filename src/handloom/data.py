@@ -23,7 +23,7 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-__all__ = ["build_distributed_dataloader", "set_sampler_epoch"]
+__all__ = ["SplitByRank", "build_distributed_dataloader", "set_sampler_epoch"]
 
 _T = TypeVar("_T")
 _T_co = TypeVar("_T_co", covariant=True)
@@ -53,15 +53,16 @@ def build_distributed_dataloader(
       ``DistributedSampler``. A sampler with a ``generator`` attribute is given a generator
       seeded with ``seed + epoch`` for each pass, so all ranks draw the same sequence. A sampler
       that draws from the global RNG must be seeded identically on every rank.
-    * An ``IterableDataset``: rank ``r`` keeps element ``r`` of each consecutive group of ``n``
-      elements and an incomplete last group is dropped. This assumes every rank's dataset yields
-      the same sequence. Splitting between DataLoader workers stays the dataset's job, as in
-      plain PyTorch (``torch.utils.data.get_worker_info``). A dataset that shards itself can say
-      so with a class attribute ``__handloom_sharded__ = True`` and is left alone.
+    * An ``IterableDataset`` is left alone, as in Lightning: it must split its data by rank
+      itself. Wrap it in :class:`SplitByRank` to have handloom split it instead.
 
-    The loader is returned unchanged when ``num_replicas == 1``, when it already uses a
-    ``DistributedSampler`` (or was already sharded by this function) and when its dataset
-    declares ``__handloom_sharded__``.
+    With ``num_replicas == 1`` (one data-parallel replica, for example tensor parallelism alone)
+    samplers are still replaced, with ``DistributedSampler(num_replicas=1)`` for the default
+    ones: the order then comes from ``seed`` and the epoch, never from a process's global RNG,
+    so every process of a tensor-parallel group gets the same batches. The loader is returned
+    unchanged when it already uses a ``DistributedSampler`` (or was already sharded by this
+    function), when its dataset is an ``IterableDataset`` not wrapped in :class:`SplitByRank`,
+    and, with one replica, when its batch sampler has no ``.sampler``.
 
     Call :func:`set_sampler_epoch` before each epoch to get a new shuffle.
 
@@ -80,10 +81,8 @@ def build_distributed_dataloader(
             sharded for a different ``num_replicas``/``rank``.
     """
     _check_arguments(loader, num_replicas, rank, seed)
-    if num_replicas == 1:
-        return loader
     if isinstance(loader.dataset, IterableDataset):
-        return _shard_iterable(loader, num_replicas, rank)
+        return _maybe_split_iterable(loader, num_replicas, rank)
 
     batch_sampler = loader.batch_sampler
     if batch_sampler is None:  # batch_size=None: the sampler yields single indices
@@ -101,6 +100,8 @@ def build_distributed_dataloader(
 
     inner = getattr(batch_sampler, "sampler", None)
     if inner is None:
+        if num_replicas == 1:  # nothing to split and no sampler whose RNG handloom could seed
+            return loader
         return _copy_loader(loader, batch_sampler=_ShardedBatchSampler(batch_sampler, num_replicas, rank))
     drop_last = getattr(batch_sampler, "drop_last", loader.drop_last)
     new_inner = _maybe_distribute(
@@ -237,15 +238,40 @@ class _ShardedBatchSampler(Sampler[list[int]]):
             inner_set_epoch(epoch)
 
 
-class _ShardedIterableDataset(IterableDataset[_T_co]):
-    """Keep element ``rank`` of each full group of ``num_replicas`` elements of a dataset."""
+class SplitByRank(IterableDataset[_T_co]):
+    """Opt in to handloom splitting an ``IterableDataset`` between data-parallel ranks.
 
-    __handloom_sharded__ = True
+    Lightning never splits an ``IterableDataset``: each rank iterates whatever its dataset
+    yields, so a dataset must shard itself by rank. handloom does the same by default. Wrap a
+    dataset that yields the same sequence on every rank in ``SplitByRank`` and
+    ``fabric.setup_dataloaders`` (or :func:`build_distributed_dataloader`) makes rank ``r`` of
+    ``n`` keep element ``r`` of each consecutive group of ``n`` elements; an incomplete last
+    group is dropped so every rank gets the same count. Before it is set up, it yields every
+    element. Splitting between DataLoader workers stays the dataset's job, as in plain PyTorch
+    (``torch.utils.data.get_worker_info``).
 
-    def __init__(self, dataset: IterableDataset[_T_co], num_replicas: int, rank: int) -> None:
+    Args:
+        dataset: The iterable dataset to split.
+
+    Raises:
+        TypeError: ``dataset`` is not an ``IterableDataset``.
+
+    Example::
+
+        loader = DataLoader(SplitByRank(MyStream()), batch_size=8)
+        loader = fabric.setup_dataloaders(loader)   # each rank now sees 1/world_size of the stream
+    """
+
+    def __init__(self, dataset: IterableDataset[_T_co]) -> None:
+        if not isinstance(dataset, IterableDataset):
+            raise TypeError(
+                f"SplitByRank({type(dataset).__name__}(...)) needs an IterableDataset. A map-style "
+                "dataset is split by its sampler already: pass it to the DataLoader directly."
+            )
         self.dataset = dataset
-        self.num_replicas = num_replicas
-        self.rank = rank
+        # Set on the copy that build_distributed_dataloader makes; (1, 0) yields everything.
+        self.num_replicas = 1
+        self.rank = 0
 
     def __iter__(self) -> Iterator[_T_co]:
         return _take_every(self.dataset, self.num_replicas, self.rank)
@@ -313,20 +339,20 @@ def _is_plain(sampler: Iterable[Any], loader: DataLoader[Any]) -> bool:
     return False
 
 
-def _shard_iterable(loader: DataLoader[_T], num_replicas: int, rank: int) -> DataLoader[_T]:
+def _maybe_split_iterable(loader: DataLoader[_T], num_replicas: int, rank: int) -> DataLoader[_T]:
+    """Split a :class:`SplitByRank` dataset for ``rank``; leave any other iterable dataset alone."""
     dataset = loader.dataset
-    if isinstance(dataset, _ShardedIterableDataset):
-        if (dataset.num_replicas, dataset.rank) != (num_replicas, rank):
-            raise ValueError(
-                f"build_distributed_dataloader(num_replicas={num_replicas}, rank={rank}) got a loader "
-                f"already sharded with num_replicas={dataset.num_replicas}, rank={dataset.rank}. "
-                "Pass the original, unsharded loader."
-            )
+    if not isinstance(dataset, SplitByRank) or (dataset.num_replicas, dataset.rank) == (num_replicas, rank):
         return loader
-    if getattr(dataset, "__handloom_sharded__", False) is True:
-        return loader
-    assert isinstance(dataset, IterableDataset)
-    return _copy_loader(loader, dataset=_ShardedIterableDataset(dataset, num_replicas, rank))
+    if dataset.num_replicas != 1:
+        raise ValueError(
+            f"build_distributed_dataloader(num_replicas={num_replicas}, rank={rank}) got a loader "
+            f"already sharded with num_replicas={dataset.num_replicas}, rank={dataset.rank}. "
+            "Pass the original, unsharded loader."
+        )
+    split = copy.copy(dataset)
+    split.num_replicas, split.rank = num_replicas, rank
+    return _copy_loader(loader, dataset=split)
 
 
 def _copy_loader(loader: DataLoader[_T], **replacements: object) -> DataLoader[_T]:

@@ -163,16 +163,31 @@ def resolve_reduce_op(op: str | _ReduceOp) -> tuple[_ReduceOp, bool]:
     return getattr(dist.ReduceOp, name.upper()), False
 
 
-def all_reduce(tensor: torch.Tensor, op: str | _ReduceOp, group: Any = None) -> torch.Tensor:
-    """Reduce ``tensor`` across ranks into a new tensor (the input is left untouched)."""
+def all_reduce(
+    tensor: torch.Tensor, op: str | _ReduceOp, group: Any = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Reduce ``tensor`` across ranks in place and return it, as ``torch.distributed.all_reduce`` does.
+
+    A mean sums, then divides in place: an integer tensor keeps its dtype and receives the true
+    mean truncated toward zero (Lightning's behaviour). A tensor that is not contiguous, or not on
+    ``device`` (the one the backend communicates from), is reduced through a copy that is written
+    back into it.
+    """
     reduce_op, divide = resolve_reduce_op(op)
-    out = tensor.clone()
-    if divide and not (out.is_floating_point() or out.is_complex()):
-        out = out.to(torch.get_default_dtype())
-    dist.all_reduce(out, op=reduce_op, group=group)
+    target = tensor.device if device is None else device
+    work = tensor
+    if tensor.device != target or not tensor.is_contiguous():
+        work = tensor.to(target, memory_format=torch.contiguous_format, copy=True)
+    dist.all_reduce(work, op=reduce_op, group=group)
     if divide:
-        out /= dist.get_world_size(group)
-    return out
+        world = dist.get_world_size(group)
+        if work.is_floating_point() or work.is_complex():
+            work.div_(world)
+        else:
+            work.copy_(work / world)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
 
 
 def _describe(tensor: torch.Tensor | None, device: torch.device, kind: int = 1) -> torch.Tensor:
@@ -266,7 +281,7 @@ def await_ranks(group: Any, timeout: timedelta, *, what: str, owner: object) -> 
     """Return once every rank has reached this call; raise within ``timeout`` naming those that did not.
 
     ``torch.distributed.monitored_barrier`` (gloo) does the waiting, so a call made by only some
-    ranks, such as a collective save under ``if fabric.is_global_zero:``, fails fast instead of
+    ranks, such as a save under ``if fabric.is_global_zero:``, fails fast instead of
     hanging until the process-group timeout.
 
     Raises:
@@ -288,9 +303,10 @@ def await_ranks(group: Any, timeout: timedelta, *, what: str, owner: object) -> 
         name = type(owner).__name__
         raise RuntimeError(
             f"{what} under {name} is collective: every rank must call it, but {waited}."
-            " If the call sits inside `if fabric.is_global_zero:`, move it out: under a sharded strategy"
-            " every rank writes its own shards (rank 0 alone writes the metadata). If those ranks were"
-            f" only slower (work done on some ranks just before the save), raise {name}(save_timeout=...)."
+            " If the call sits inside `if fabric.is_global_zero:`, move it out: every rank takes part in"
+            " a save (rank 0 writes a single file; under a sharded strategy each rank writes its shards)."
+            " If those ranks were only slower (work done on some ranks just before the save), raise"
+            f" {name}(save_timeout=...)."
         ) from err
 
 

@@ -9,13 +9,13 @@ import os
 import weakref
 from collections.abc import Callable, Generator, Mapping
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, SupportsInt
 
 import torch
 from torch.utils.data import DataLoader
 
 from handloom import launcher, preemption, validation
-from handloom.apply import apply_to_tensors, move_data_to_device
+from handloom.apply import apply_to_tensors, convert_to_tensors, move_data_to_device
 from handloom.devices import probe_hardware
 from handloom.environments import Topology, read_topology
 from handloom.loggers import _fabric as _loggers
@@ -84,6 +84,7 @@ class Fabric:
         self._loggers: list[Any] = _loggers.check_loggers(validation.as_list(loggers))
         self._launched = False
         self._setup_objects: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._modules_set_up = False  # read by every backward: a flag, not a walk of _setup_objects
         self._checkpoints = self._new_checkpoint_session()
         self._preemption: preemption.PreemptionWatcher | None = None
         if self._plan.launch in ("none", "external"):
@@ -177,6 +178,7 @@ class Fabric:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_setup_objects"] = None
+        state["_modules_set_up"] = False  # the new process sets up its own
         state["_checkpoints"] = None
         state["_preemption"] = None  # signal handlers belong to the process that installed them
         state["_launched"] = False
@@ -228,7 +230,8 @@ class Fabric:
 
     @property
     def world_size(self) -> int:
-        """Number of processes in the job."""
+        """Number of processes in the job; before :meth:`launch` starts them, the number planned
+        (devices x num_nodes), while the ranks read 0."""
         return self._strategy.world_size
 
     @property
@@ -315,6 +318,7 @@ class Fabric:
         result = strategy.setup_module_and_optimizers(module, optimizers)
         self._setup_objects.add(module)
         self._setup_objects.add(result.module)
+        self._modules_set_up = True
         for optimizer in optimizers:
             self._setup_objects.add(optimizer)
         wrapped_optimizers = [_FabricOptimizer(o, strategy, self._callbacks) for o in result.optimizers]
@@ -368,14 +372,26 @@ class Fabric:
             # DataLoader does not guard worker_init_fn after construction; the user's loader is untouched.
             loader.worker_init_fn = seed.WorkerSeeder(self.global_rank, base_seed, loader.worker_init_fn)
         device = self.device if move and self.device.type != "cpu" else None
-        wrapped = _FabricDataLoader(loader, device)
-        self._checkpoints.add_loader(wrapped)
-        return wrapped
+        return _FabricDataLoader(loader, device)
 
     # --- the training step ----------------------------------------------------------------------
     def backward(self, tensor: torch.Tensor, *args: Any, model: Any = None, **kwargs: Any) -> None:
-        """Replace ``loss.backward()``: scales the loss for fp16 mixed precision."""
-        self._strategy.amp.backward(tensor, *args, **kwargs)
+        """Replace ``loss.backward()``: scales the loss for fp16 mixed precision.
+
+        Raises:
+            RuntimeError: Several processes run and no model was set up with ``fabric.setup``, so
+                no gradient would be synchronised (one process may optimise raw tensors).
+        """
+        amp = self._strategy.amp
+        if not self._modules_set_up and self._strategy.is_distributed and self.world_size > 1:
+            raise RuntimeError(
+                f"fabric.backward(loss) runs under strategy={self._strategy.name!r} on {self.world_size}"
+                " processes, but no model was set up with this Fabric. Only a model returned by"
+                " fabric.setup() has its gradients synchronised, so each process would train its own"
+                " copy. Call model, optimizer = fabric.setup(model, optimizer) before the loop and compute"
+                " the loss with the returned model."
+            )
+        amp.backward(tensor, *args, **kwargs)
 
     def clip_gradients(
         self,
@@ -457,10 +473,27 @@ class Fabric:
         self._strategy.barrier(name)
 
     def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
-        """Reduce tensors (or numbers, or collections of them) across processes.
+        """Reduce tensors (or numbers, or collections of them) across processes, in place.
+
+        Every tensor is reduced in place and returned, so ``fabric.all_reduce(loss)`` alone updates
+        ``loss``. A mean divides in place: an integer tensor keeps its dtype and gets the mean
+        truncated toward zero. Python numbers and NumPy arrays anywhere in ``data`` are first turned
+        into tensors on the device (``bool`` to ``uint8``, ``int`` to ``int32``, ``float`` to
+        ``float32``) and come back as tensors. Every process must call it with the same shapes.
 
         Args:
+            data: A tensor, number or array, or a (nested) collection of them.
+            group: The process group; all processes by default.
             reduce_op: ``"mean"``, ``"sum"``, ``"max"``, ``"min"``, ``"product"`` or a ``ReduceOp``.
+
+        Returns:
+            ``data`` with every tensor reduced (the same tensor objects) and every number or array
+            converted to a reduced tensor.
+
+        Example::
+
+            total = fabric.all_reduce({"loss_sum": loss_sum, "num_samples": len(batch)}, reduce_op="sum")
+            mean_loss = total["loss_sum"] / total["num_samples"]
         """
         self._ensure_running()
         tensors = self._as_tensors(data)
@@ -470,7 +503,8 @@ class Fabric:
         """Gather tensors from every process, stacked along a new first dimension.
 
         Ranks may send tensors of different shapes: then each tensor becomes a list of the ranks'
-        tensors instead of one stacked tensor. With one process no dimension is added.
+        tensors instead of one stacked tensor. With one process no dimension is added. Python
+        numbers and NumPy arrays are turned into tensors first, as in :meth:`all_reduce`.
         """
         self._ensure_running()
         tensors = self._as_tensors(data)
@@ -538,9 +572,7 @@ class Fabric:
         return requested
 
     def _as_tensors(self, data: Any) -> Any:
-        if isinstance(data, (int, float, bool)):
-            return torch.tensor(data, device=self.device)
-        return data
+        return convert_to_tensors(data, self.device)
 
     @contextlib.contextmanager
     def rank_zero_first(self, local: bool = False) -> Generator[None, None, None]:
@@ -560,9 +592,12 @@ class Fabric:
             print(*args, **kwargs)
 
     @staticmethod
-    def seed_everything(seed: int | None = None, workers: bool | None = None, verbose: bool = True) -> int:
+    def seed_everything(
+        seed: SupportsInt | str | None = None, workers: bool | None = None, verbose: bool = True
+    ) -> int:
         """Seed Python, NumPy (if installed) and torch; with ``workers`` (default True), seed dataloader
-        workers distinctly per rank and worker."""
+        workers distinctly per rank and worker. ``seed`` may be anything ``int()`` converts, such as
+        ``"42"`` (see :func:`handloom.seed_everything`)."""
         from handloom.seed import seed_everything
 
         return seed_everything(seed, workers=True if workers is None else workers, verbose=verbose)
@@ -639,32 +674,43 @@ class Fabric:
         state: dict[str, Any],
         filter: Any = None,
         *,
-        resume_state: bool = True,
+        resume_state: bool | None = None,
         async_save: bool = False,
     ) -> None:
         """Save ``state`` (modules, optimizers, other stateful objects, plain values).
 
-        Single device and DDP: one file, written atomically by global rank 0 with no collective, so
-        calling it inside ``if fabric.is_global_zero:`` is fine. Sharded strategies: every rank must
-        call it (a call from only some ranks raises within ``save_timeout``); the default writes a
-        directory of shards, staged and committed, that loads on any number of processes;
-        ``state_dict_type="full"`` writes one file for ``torch.load``.
+        Every process must call it, as in Lightning: it returns once the checkpoint is complete,
+        so a ``fabric.load`` right after reads it. A call from only some processes raises within
+        ``save_timeout`` (15 s) naming the ranks that did not call it, and so do processes that
+        pass different paths. Single device and DDP write one file (global rank 0 writes it);
+        sharded strategies write a directory of shards, staged and committed, that loads on any
+        number of processes (``state_dict_type="full"`` writes one file for ``torch.load``).
+
+        The file holds exactly the keys of ``state``: stateful objects as their ``state_dict()``,
+        other values as given. To resume mid-epoch exactly, put the set-up dataloader and a
+        :class:`handloom.checkpoint.RandomState` in ``state``: every rank's loader position and
+        random states are recorded under their keys.
 
         Args:
             path: The checkpoint file (or directory, for sharded checkpoints).
-            state: What to save; the key ``"handloom"`` is reserved.
+            state: What to save.
             filter: Per-key functions ``(name, value) -> bool`` selecting entries of a state dict.
-            resume_state: Also record random states, dataloader positions and the gradient scaler
-                (under ``"handloom"``), so ``fabric.load`` resumes exactly. Metadata (versions,
-                world size, strategy, precision, time) is recorded either way.
+            resume_state: Deprecated and ignored; a checkpoint records loader positions and random
+                states only for the loaders and ``RandomState`` values in ``state``.
             async_save: Return once the state is copied to host memory and write in the background.
                 One save is in flight at a time; a failure is raised by the next save or load, when a
                 launched worker returns, or at exit (status 1).
 
         Raises:
             TypeError: ``state`` is not a dict, or ``filter`` is not a dict of functions.
-            ValueError: ``state`` uses the reserved key, or ``filter`` names a missing key.
+            ValueError: ``filter`` names a missing key.
+            RuntimeError: Not every process called it, or they passed different paths.
             handloom.checkpoint.CheckpointSaveError: The previous background save failed.
+
+        Example::
+
+            state = {"model": model, "optimizer": optimizer, "loader": loader, "rng": RandomState()}
+            fabric.save("checkpoints/step-100.ckpt", state)
         """
         self._checkpoints.save(
             path, state, filter, self._set_up_modules(), resume_state=resume_state, async_save=async_save
@@ -679,24 +725,31 @@ class Fabric:
         state: dict[str, Any] | None = None,
         strict: bool = True,
         *,
-        resume_state: bool = True,
+        resume_state: bool | None = None,
         weights_only: bool = True,
     ) -> Any:
         """Restore the objects in ``state`` in place; return what the checkpoint holds beyond them.
 
         With ``state=None`` the whole checkpoint is returned. Files and sharded directories load
         under any strategy; a sharded checkpoint is resharded to this job's number of processes.
+        Only what ``state`` holds is restored: a set-up dataloader in ``state`` continues where
+        the saved one stopped (this rank's position), a :class:`handloom.checkpoint.RandomState`
+        restores this rank's random states; loaders not in ``state`` are left alone.
 
         Args:
             path: A checkpoint file or sharded directory.
             state: The objects to restore, by the keys they were saved under.
             strict: Every key of ``state`` must be in the checkpoint, and module keys must match.
-            resume_state: Also restore random states, dataloader positions (applied to loaders set
-                up before or after this call, by setup order) and the gradient scaler, if the
-                checkpoint has them. Pass ``False`` to load weights for fine-tuning.
+            resume_state: Deprecated: ``False`` skips restoring the dataloaders and ``RandomState``
+                values in ``state``; leave them out of ``state`` instead.
             weights_only: Read with ``torch.load(weights_only=True)``, which refuses arbitrary
                 pickled objects. For a checkpoint you trust that holds such objects, register their
                 classes with ``torch.serialization.add_safe_globals`` or pass ``False``.
+
+        Example::
+
+            state = {"model": model, "optimizer": optimizer, "step": 0}
+            fabric.load("checkpoints/step-100.ckpt", state)  # state["step"] is the saved step
         """
         return self._checkpoints.load(
             path, state, strict, self._set_up_modules(), resume_state=resume_state, weights_only=weights_only
@@ -706,13 +759,12 @@ class Fabric:
         self, path: str | os.PathLike[str], obj: Any, strict: bool = True, *, weights_only: bool = True
     ) -> None:
         """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
-        from handloom.checkpoint import RESUME_KEY
         from handloom.checkpoint.io import read_checkpoint
 
         target = obj.module if isinstance(obj, _FabricModule) else obj
         validation.check_load_raw_target(target)
         data = read_checkpoint(path, mmap=True, weights_only=weights_only)
-        validation.check_raw_state(path, target, data, RESUME_KEY)
+        validation.check_raw_state(path, target, data)
         if isinstance(target, torch.nn.Module) and _is_sharded(target):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

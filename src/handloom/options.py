@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from handloom import _env_names as names
 from handloom.devices import AcceleratorName, DevicesInput, HardwareProbe, parse_devices, resolve_accelerator
-from handloom.environments import ClusterEnvironment, Topology, select_environment
+from handloom.environments import ClusterEnvironment, LocalEnvironment, Topology, select_environment
 from handloom.precision import PrecisionPolicy, build_precision_policy, resolve_precision_name
 from handloom.strategies.base import Strategy
 from handloom.strategies.registry import build_strategy, strategy_names
@@ -186,10 +186,16 @@ def resolve_plan(options: FabricOptions, env: Mapping[str, str], probe: Hardware
         devices_value = local if accelerator != "cuda" else list(range(local))
     device_indices = tuple(parse_devices(devices_value, accelerator, probe, interactive=probe.interactive))
 
-    strategy = _resolve_strategy(values["strategy"], accelerator, len(device_indices) * num_nodes, probe)
-    launch = _resolve_launch(strategy, external, len(device_indices) * num_nodes, probe)
+    world_size = len(device_indices) * num_nodes
+    strategy = _resolve_strategy(values["strategy"], accelerator, world_size, probe)
+    if external and _is_standalone(topology, values["devices"], world_size, strategy):
+        # A one-device Fabric made inside a running job (e.g. on rank 0 after training) stands
+        # alone, as under Lightning: rank 0 of its own, no process group joined.
+        environment, topology, external = LocalEnvironment(), _standalone_topology(), False
+    launch = _resolve_launch(strategy, external, world_size, probe)
     if external:
         _check_external_world(topology, len(device_indices), num_nodes, values["devices"])
+    strategy.plan_processes(world_size if strategy.is_distributed else 1)
     return Plan(
         accelerator=accelerator,
         device_indices=device_indices,
@@ -247,6 +253,28 @@ def _resolve_launch(strategy: Strategy, external: bool, world_size: int, probe: 
             " Use strategy='ddp_spawn' instead."
         )
     return "fork" if method == "fork" else "spawn"
+
+
+def _is_standalone(topology: Topology, devices: object, world_size: int, strategy: Strategy) -> bool:
+    """True when the user asked for one process in all (``devices=1``, one node, a one-process
+    strategy) inside a job that a launcher started with several."""
+    asked = devices != "auto"  # "auto" follows the launcher; a count that differs is an error there
+    return asked and world_size == 1 and topology.world_size > 1 and not strategy.is_distributed
+
+
+def _standalone_topology() -> Topology:
+    return Topology(
+        name=LocalEnvironment.name,
+        world_size=1,
+        global_rank=0,
+        local_rank=0,
+        node_rank=0,
+        local_world_size=1,
+        num_nodes=1,
+        main_address=None,
+        main_port=None,
+        creates_processes_externally=False,
+    )
 
 
 def _check_external_world(topology: Topology, num_processes: int, num_nodes: int, devices: object) -> None:

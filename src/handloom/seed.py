@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import SupportsInt
 
 import torch
 from torch.utils.data import get_worker_info
@@ -36,7 +37,7 @@ _warned_no_seed = False
 
 
 def seed_everything(
-    seed: int | None = None,
+    seed: SupportsInt | str | None = None,
     workers: bool = False,
     verbose: bool = True,
     *,
@@ -48,8 +49,10 @@ def seed_everything(
     :func:`seed_workers_enabled`, which the DataLoader setup reads to seed workers and samplers.
 
     Args:
-        seed: A value in ``[0, 2**32 - 1]``. ``None`` reads ``HANDLOOM_GLOBAL_SEED`` from the
-            environment, and falls back to 0 with a warning when it is not set.
+        seed: A value in ``[0, 2**32 - 1]``. As in Lightning, anything ``int()`` converts is
+            accepted: ``"42"`` is 42 and a float is truncated (``3.7`` is 3). ``None`` reads
+            ``HANDLOOM_GLOBAL_SEED`` from the environment, and falls back to 0 with a warning when
+            it is not set.
         workers: Record that DataLoader workers should be seeded with :class:`WorkerSeeder`.
         verbose: Log the chosen seed at INFO level on the ``"handloom"`` logger.
         rank: Opt-in per-process offset. When given, the generators are seeded with a value
@@ -62,17 +65,14 @@ def seed_everything(
         The seed that was applied (before any ``rank`` offset).
 
     Raises:
-        TypeError: ``seed`` or ``rank`` is not an integer.
-        ValueError: ``seed`` is outside the uint32 range, ``rank`` is negative, or
-            ``HANDLOOM_GLOBAL_SEED`` is not an integer.
+        TypeError: ``seed`` is a bool or has no integer value (a list, for example), or ``rank``
+            is not an integer.
+        ValueError: ``seed`` is a string that is not a whole number, is NaN or infinite, or is
+            outside the uint32 range; ``rank`` is negative; or ``HANDLOOM_GLOBAL_SEED`` is not an
+            integer.
     """
     global _current_seed, _seed_workers
-    if seed is None:
-        seed = _seed_from_environment()
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(
-            f"seed_everything(seed={seed!r}) needs an int. Pass a whole number in [0, {_MAX_SEED}]."
-        )
+    seed = _seed_from_environment() if seed is None else _seed_as_int(seed)
     if not 0 <= seed <= _MAX_SEED:
         raise ValueError(
             f"seed_everything(seed={seed}) is outside the range NumPy accepts. "
@@ -172,6 +172,37 @@ def _mix(*values: int, tag: str) -> int:
     """Hash integers into a 128-bit integer; ``tag`` separates the streams of different libraries."""
     text = ":".join([tag, *(str(v) for v in values)])
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=16).digest(), "little")
+
+
+def _seed_as_int(seed: SupportsInt | str) -> int:
+    """Convert ``seed`` with ``int()`` as Lightning does, with errors that name the call."""
+    if isinstance(seed, bool):
+        # int(True) is 1, but a flag passed as the seed is almost surely a misplaced argument.
+        raise TypeError(
+            f"seed_everything(seed={seed!r}) got a bool. Pass a whole number in [0, {_MAX_SEED}]."
+        )
+    if isinstance(seed, int):
+        return seed
+    if isinstance(seed, str):
+        try:
+            return int(seed)
+        except ValueError:
+            raise ValueError(
+                f"seed_everything(seed={seed!r}) is not a whole number. "
+                f"Pass an int, or a string of digits, in [0, {_MAX_SEED}]."
+            ) from None
+    try:
+        return int(seed)
+    except (ValueError, OverflowError):
+        # float("nan") and float("inf") have no integer value.
+        raise ValueError(
+            f"seed_everything(seed={seed!r}) has no integer value. Pass a whole number in [0, {_MAX_SEED}]."
+        ) from None
+    except TypeError:
+        raise TypeError(
+            f"seed_everything(seed={seed!r}) needs a number, got {type(seed).__name__}. "
+            f"Pass a whole number in [0, {_MAX_SEED}]."
+        ) from None
 
 
 def _seed_from_environment() -> int:

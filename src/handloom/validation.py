@@ -137,14 +137,27 @@ def check_load_raw_target(target: object) -> None:
         )
 
 
-def check_raw_state(path: object, target: object, data: dict[str, Any], reserved_key: str) -> None:
-    """A file for ``fabric.load_raw`` must be a plain state_dict, not what ``fabric.save`` writes.
+def check_raw_state(path: object, target: object, data: dict[str, Any]) -> None:
+    """A file for ``fabric.load_raw`` must be a plain state_dict, not a dict of them (``fabric.save``'s).
 
     Raises:
-        ValueError: ``data`` carries ``fabric.save``'s reserved entry.
+        ValueError: ``data`` holds state dicts under names (or an older handloom's resume entry)
+            where ``target`` expects its own entries.
     """
-    if reserved_key in data:
-        entries = sorted(k for k in data if k != reserved_key)
+    from collections.abc import Mapping
+
+    from handloom.checkpoint.resume import RESUME_KEY, is_legacy_entry
+
+    if isinstance(target, torch.nn.Module):
+        nested = any(isinstance(v, Mapping) for k, v in data.items() if not k.endswith("_extra_state"))
+    elif isinstance(target, torch.optim.Optimizer):
+        nested = not {"state", "param_groups"} <= data.keys() and any(
+            isinstance(v, Mapping) for v in data.values()
+        )
+    else:
+        nested = False
+    if nested or is_legacy_entry(data.get(RESUME_KEY)):
+        entries = sorted(k for k in data if not (k == RESUME_KEY and is_legacy_entry(data[k])))
         raise ValueError(
             f"fabric.load_raw({str(path)!r}, {type(target).__name__}) got a checkpoint written by"
             f" fabric.save (entries {entries}), not a plain state_dict. Load it with"

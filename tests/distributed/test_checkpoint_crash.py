@@ -3,7 +3,7 @@
 * A save killed with SIGKILL (one file; two FSDP processes) leaves the previous checkpoint
   loadable bit for bit, and the next save at that path works.
 * A sharded commit interrupted between its two renames still loads and is finished by the next save.
-* Saves called by rank 0 alone: a clear error within ``save_timeout`` under FSDP, fine under DDP.
+* Saves called by rank 0 alone: a clear error within ``save_timeout`` under FSDP and DDP.
 * Async saves: a sharded one commits a host copy; a failed one is raised when a worker returns.
 * ``handloom consolidate`` turns a sharded checkpoint into one file for plain PyTorch.
 * A checkpoint written by one FSDP process loads into two.
@@ -87,7 +87,7 @@ def _load_plain(path: Path, **kwargs: Any) -> tuple[dict[str, Any], dict[str, An
     fabric = Fabric(accelerator="cpu", devices=1)
     model, optimizer = fabric.setup(*_plain_pair(seed=99))
     state: dict[str, Any] = {"model": model, "optimizer": optimizer, "step": -1}
-    fabric.load(path, state, resume_state=False, **kwargs)
+    fabric.load(path, state, **kwargs)
     return _snapshot(model, optimizer), state
 
 
@@ -361,8 +361,11 @@ def _save_on_rank_zero_only(fabric: Fabric, path: Path) -> tuple[str, float] | N
     return outcome
 
 
-def test_a_sharded_save_on_rank_zero_alone_fails_fast_naming_the_missing_rank(tmp_path: Path) -> None:
-    strategy = FSDPStrategy(start_method="fork", save_timeout=timedelta(seconds=3))
+@pytest.mark.parametrize("name", ["fsdp", "ddp"])
+def test_a_save_on_rank_zero_alone_fails_fast_naming_the_missing_rank(tmp_path: Path, name: str) -> None:
+    strategy: Any = (FSDPStrategy if name == "fsdp" else DDPStrategy)(
+        start_method="fork", save_timeout=timedelta(seconds=3)
+    )
     outcome = Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(
         functools.partial(_save_on_rank_zero_only, path=tmp_path / "ckpt")
     )
@@ -374,25 +377,22 @@ def test_a_sharded_save_on_rank_zero_alone_fails_fast_naming_the_missing_rank(tm
     assert not (tmp_path / "ckpt").exists()
 
 
-def _ddp_rank_zero_save(fabric: Fabric, path: Path) -> list[float]:
+def _ddp_save_on_every_rank(fabric: Fabric, path: Path) -> list[float]:
     model = fabric.setup_module(_model())
-    if fabric.is_global_zero:
-        fabric.save(path, {"model": model, "step": 4})
-    fabric.barrier()
-    data = fabric.load(path)  # every rank reads what rank 0 wrote
+    fabric.save(path, {"model": model, "step": 4})
+    data = fabric.load(path)  # every rank reads what rank 0 wrote, with no barrier in between
     steps = fabric.all_gather(torch.tensor(float(data["step"])))
     assert isinstance(steps, torch.Tensor)
     return steps.tolist()
 
 
-def test_a_ddp_save_on_rank_zero_alone_works(tmp_path: Path) -> None:
+def test_a_ddp_save_on_every_rank_writes_one_file_all_ranks_read(tmp_path: Path) -> None:
     steps = Fabric(accelerator="cpu", devices=2, strategy=DDPStrategy(start_method="fork")).launch(
-        functools.partial(_ddp_rank_zero_save, path=tmp_path / "model.ckpt")
+        functools.partial(_ddp_save_on_every_rank, path=tmp_path / "model.ckpt")
     )
     assert steps == [4.0, 4.0]
-    assert (
-        torch.load(tmp_path / "model.ckpt", weights_only=True)["model"].keys() == _model().state_dict().keys()
-    )
+    saved = torch.load(tmp_path / "model.ckpt", weights_only=True)
+    assert set(saved) == {"model", "step"} and saved["model"].keys() == _model().state_dict().keys()
 
 
 def _failing_async_save(fabric: Fabric, path: Path) -> None:
@@ -558,7 +558,7 @@ def test_a_damaged_shard_is_an_error_naming_the_checkpoint_and_the_file(
     model, optimizer = _plain_pair(seed=0)
     fabric = Fabric(accelerator="cpu", devices=1)
     with pytest.raises(RuntimeError, match=named):
-        fabric.load(damaged, {"model": model, "optimizer": optimizer}, resume_state=False)
+        fabric.load(damaged, {"model": model, "optimizer": optimizer})
     with pytest.raises(RuntimeError, match=named):
         fabric.load(damaged)
     from handloom.checkpoint.consolidate import consolidate

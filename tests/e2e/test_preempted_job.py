@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from handloom import Fabric
-from handloom.checkpoint import CheckpointFolder
+from handloom.checkpoint import CheckpointFolder, RandomState
 
 checkpoint_dir, max_steps, signal_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 fabric = Fabric()
@@ -43,7 +43,7 @@ model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16
 model, optimizer = fabric.setup(model, torch.optim.AdamW(model.parameters(), lr=0.01))
 loader = fabric.setup_dataloaders(DataLoader(data, batch_size=4, shuffle=True))
 folder = CheckpointFolder(checkpoint_dir)
-state = {"model": model, "optimizer": optimizer, "step": 0}
+state = {"model": model, "optimizer": optimizer, "loader": loader, "rng": RandomState(), "step": 0}
 latest = fabric.broadcast(folder.latest())
 if latest is not None:
     fabric.load(latest, state)

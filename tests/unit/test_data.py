@@ -22,7 +22,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from handloom.data import build_distributed_dataloader, set_sampler_epoch
+from handloom.data import SplitByRank, build_distributed_dataloader, set_sampler_epoch
 
 
 class IndexDataset(Dataset[int]):
@@ -58,7 +58,7 @@ class RangeStream(IterableDataset[int]):
 
 
 class SelfShardedStream(RangeStream):
-    __handloom_sharded__ = True
+    __handloom_sharded__ = True  # the old opt-out marker: now harmless, iterables are never split
 
 
 def flatten(loader: DataLoader[Any]) -> list[int]:
@@ -361,11 +361,11 @@ def test_user_sampler_is_split_like_distributed_sampler(drop_last: bool) -> None
 
 
 @pytest.mark.parametrize("num_replicas", [2, 3, 4])
-def test_iterable_dataset_shards_are_equal_and_disjoint(num_replicas: int) -> None:
+def test_split_by_rank_shards_are_equal_and_disjoint(num_replicas: int) -> None:
     size = 23
     loaders = [
         build_distributed_dataloader(
-            DataLoader(RangeStream(size), batch_size=2), num_replicas=num_replicas, rank=r
+            DataLoader(SplitByRank(RangeStream(size)), batch_size=2), num_replicas=num_replicas, rank=r
         )
         for r in range(num_replicas)
     ]
@@ -378,9 +378,11 @@ def test_iterable_dataset_shards_are_equal_and_disjoint(num_replicas: int) -> No
     assert len(loaders[0]) == math.ceil(per_rank_count / 2)
 
 
-def test_iterable_dataset_with_workers() -> None:
+def test_split_by_rank_with_workers() -> None:
     size, num_replicas = 29, 2
-    shards = per_rank(lambda: DataLoader(RangeStream(size), batch_size=3, num_workers=2), num_replicas)
+    shards = per_rank(
+        lambda: DataLoader(SplitByRank(RangeStream(size)), batch_size=3, num_workers=2), num_replicas
+    )
     assert len(shards[0]) == len(shards[1])
     everything = [x for s in shards for x in s]
     assert len(set(everything)) == len(everything), "ranks or workers overlap"
@@ -388,29 +390,79 @@ def test_iterable_dataset_with_workers() -> None:
     assert len(everything) == 28
 
 
-def test_iterable_dataset_already_sharded() -> None:
-    loader = DataLoader(RangeStream(10), batch_size=2)
+def test_iterable_dataset_is_not_split_unless_wrapped() -> None:
+    # As in Lightning: an IterableDataset shards itself by rank, so handloom must not split it again.
+    for stream in (RangeStream(10), SelfShardedStream(10)):
+        loader = DataLoader(stream, batch_size=2)
+        assert build_distributed_dataloader(loader, num_replicas=2, rank=1) is loader
+        assert flatten(loader) == list(range(10))
+    unsplit = DataLoader(SplitByRank(RangeStream(10)), batch_size=2)
+    assert flatten(unsplit) == list(range(10))  # before setup the wrapper yields everything
+    assert build_distributed_dataloader(unsplit, num_replicas=1, rank=0) is unsplit
+    with pytest.raises(TypeError, match=r"SplitByRank\(IndexDataset\(...\)\) needs an IterableDataset"):
+        SplitByRank(IndexDataset(4))  # type: ignore[arg-type]
+
+
+def test_split_by_rank_already_sharded() -> None:
+    loader = DataLoader(SplitByRank(RangeStream(10)), batch_size=2)
     once = build_distributed_dataloader(loader, num_replicas=2, rank=1)
+    assert flatten(once) == [1, 3, 5, 7, 9] and flatten(loader) == list(range(10))
     assert build_distributed_dataloader(once, num_replicas=2, rank=1) is once
     with pytest.raises(ValueError, match="already sharded with num_replicas=2, rank=1"):
         build_distributed_dataloader(once, num_replicas=3, rank=1)
-    own = DataLoader(SelfShardedStream(10), batch_size=2)
-    assert build_distributed_dataloader(own, num_replicas=2, rank=0) is own
 
 
 def test_set_sampler_epoch_reaches_iterable_dataset() -> None:
     stream = RangeStream(10)
-    loader = build_distributed_dataloader(DataLoader(stream), num_replicas=2, rank=0)
+    loader = build_distributed_dataloader(DataLoader(SplitByRank(stream)), num_replicas=2, rank=0)
     set_sampler_epoch(loader, 4)
-    assert stream.epochs == [4]
+    plain = DataLoader(RangeStream(10))
+    set_sampler_epoch(plain, 5)
+    assert stream.epochs == [4] and plain.dataset.epochs == [5]  # type: ignore[attr-defined]
 
 
 # --- unchanged loaders and errors ------------------------------------------------------------
 
 
-def test_single_replica_and_distributed_sampler_are_left_alone() -> None:
+def test_single_replica_shuffle_is_seeded_not_drawn_from_the_global_rng() -> None:
+    # One data-parallel replica (tensor parallelism alone): every process of the group must get
+    # the same order whatever its global RNG did, and the order must change per epoch.
+    def order(seed_offset: int, epoch: int) -> list[int]:
+        torch.manual_seed(100 + seed_offset)  # the processes' global RNGs differ
+        loader = build_distributed_dataloader(
+            DataLoader(IndexDataset(20), batch_size=4, shuffle=True), num_replicas=1, rank=0, seed=3
+        )
+        set_sampler_epoch(loader, epoch)
+        return flatten(loader)
+
+    assert order(0, 0) == order(1, 0) and sorted(order(0, 0)) == list(range(20))
+    assert order(0, 0) != order(0, 1) and order(0, 0) != list(range(20))
     loader = DataLoader(IndexDataset(10), batch_size=2, shuffle=True)
-    assert build_distributed_dataloader(loader, num_replicas=1, rank=0) is loader
+    single = build_distributed_dataloader(loader, num_replicas=1, rank=0)
+    assert isinstance(single.sampler, DistributedSampler) and single.sampler.num_replicas == 1
+    sequential = build_distributed_dataloader(
+        DataLoader(IndexDataset(10), batch_size=3), num_replicas=1, rank=0
+    )
+    assert flatten(sequential) == list(range(10)) and len(sequential) == 4
+    # A custom sampler drawing from a generator is seeded with seed + epoch too.
+    weights = torch.ones(12)
+
+    def weighted(seed_offset: int) -> list[int]:
+        torch.manual_seed(seed_offset)
+        sampler = WeightedRandomSampler(weights, num_samples=12)
+        return flatten(
+            build_distributed_dataloader(
+                DataLoader(IndexDataset(12), sampler=sampler), num_replicas=1, rank=0
+            )
+        )
+
+    assert weighted(0) == weighted(1)
+    # Nothing to seed: a batch sampler without .sampler is left as it is.
+    fixed = DataLoader(IndexDataset(4), batch_sampler=FixedBatches([[0, 1], [2, 3]]))
+    assert build_distributed_dataloader(fixed, num_replicas=1, rank=0) is fixed
+
+
+def test_distributed_sampler_is_left_alone() -> None:
     dataset = IndexDataset(10)
     distributed = DataLoader(dataset, sampler=DistributedSampler(dataset, num_replicas=2, rank=0))
     assert build_distributed_dataloader(distributed, num_replicas=2, rank=0) is distributed

@@ -75,6 +75,17 @@ def test_csv_rows_header_growth_and_flush_cadence(tmp_path: Path) -> None:
     assert read_csv(metrics_file)[1][-1]["loss"] == "0.125"
 
 
+def test_csv_step_argument_wins_over_a_metric_named_step(tmp_path: Path) -> None:
+    logger = CSVLogger(tmp_path, version=0)
+    logger.log_metrics({"step": 999, "loss": 1.0}, step=5)
+    logger.log_metrics({"step": torch.tensor(7.0), "loss": 0.5})  # no argument: the row number
+    logger.experiment.log_metrics({"step": 3, "loss": 0.25}, step=6)  # the writer's own path
+    logger.finalize("success")
+    header, rows = read_csv(Path(logger.log_dir) / "metrics.csv")
+    assert header == ["step", "loss"]
+    assert [(r["step"], r["loss"]) for r in rows] == [("6", "0.25"), ("5", "1.0"), ("1", "0.5")]
+
+
 def test_csv_versions_names_and_prefix(tmp_path: Path) -> None:
     (tmp_path / "exp" / "version_0").mkdir(parents=True)
     (tmp_path / "exp" / "version_3").mkdir()

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from handloom import Fabric, cli
-from handloom.checkpoint import CheckpointFolder
+from handloom.checkpoint import CheckpointFolder, RandomState
 from handloom.environments import LocalEnvironment
 from handloom.loggers import CSVLogger
 from handloom.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
@@ -637,6 +637,15 @@ TABLE = [
     ),
     pytest.param(
         Misuse(
+            lambda tmp: DDPStrategy(save_timeout=0),  # type: ignore[arg-type]
+            TypeError,
+            r"DDPStrategy\(save_timeout=0\)",
+            r"for example timedelta\(seconds=60\)",
+        ),
+        id="ddp-save-timeout-not-a-timedelta",
+    ),
+    pytest.param(
+        Misuse(
             lambda tmp: ModelParallelStrategy(keep, tensor_parallel_size=0),
             ValueError,
             r"ModelParallelStrategy\(tensor_parallel_size=0\)",
@@ -868,16 +877,6 @@ TABLE = [
     ),
     pytest.param(
         Misuse(
-            save_into("model.ckpt", lambda model, optimizer: {"model": model, "handloom": 1}),
-            ValueError,
-            r"fabric\.save\(state=\{'handloom': \.\.\.\}\)",
-            r"Rename your key",
-            prepare=save_checkpoint,
-        ),
-        id="save-reserved-key",
-    ),
-    pytest.param(
-        Misuse(
             save_into("model.ckpt", model_only, filter=lambda name, value: True),
             TypeError,
             r"fabric\.save\(filter=<function",
@@ -1032,11 +1031,22 @@ TABLE = [
         Misuse(
             load_from("model.ckpt", lambda model, optimizer: {"model": model, "ema": model}),
             KeyError,
-            r"The checkpoint has no entry 'ema' \(it holds \['handloom', 'model', 'optimizer', 'step'\]\)",
+            r"The checkpoint has no entry 'ema' \(it holds \['model', 'optimizer', 'step'\]\)",
             r"Remove the key from the state you load, or pass strict=False",
             prepare=save_checkpoint,
         ),
         id="load-key-the-checkpoint-lacks",
+    ),
+    pytest.param(
+        Misuse(
+            load_from("model.ckpt", lambda model, optimizer: {"step": RandomState()}),
+            ValueError,
+            r"fabric\.load\('.*model\.ckpt', \{'step': RandomState\(\)\}\): the checkpoint's entry 'step'"
+            r" is of type int",
+            r"leave 'step' out of the state",
+            prepare=save_checkpoint,
+        ),
+        id="load-random-state-from-another-entry",
     ),
     pytest.param(
         Misuse(

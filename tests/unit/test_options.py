@@ -117,6 +117,66 @@ def test_external_launcher_rejects_mismatched_devices() -> None:
         plan(TORCHRUN_2, accelerator="cpu", devices=3)
 
 
+# One process in all, asked for inside a job a launcher started (litgpt's merge_lora on rank 1 of 2):
+# a standalone Fabric as under Lightning, rank 0 of one, no process group; on CUDA, device 0.
+@pytest.mark.parametrize(
+    ("kwargs", "probe", "devices"),
+    [
+        ({"accelerator": "cpu", "devices": 1}, CPU, (0,)),
+        ({"accelerator": "cpu", "devices": "1"}, CPU, (0,)),
+        ({"accelerator": "cpu", "devices": 1, "strategy": "single_device"}, CPU, (0,)),
+        ({"accelerator": "cpu", "devices": 1, "strategy": SingleDeviceStrategy()}, CPU, (0,)),
+        ({"accelerator": "cuda", "devices": 1}, TWO_GPUS, (0,)),
+        ({"accelerator": "cuda", "devices": [1]}, TWO_GPUS, (1,)),
+    ],
+)
+def test_one_process_inside_a_launched_job_stands_alone(
+    kwargs: dict[str, Any], probe: HardwareProbe, devices: tuple[int, ...]
+) -> None:
+    result = plan({**TORCHRUN_2, "GROUP_RANK": "1"}, probe=probe, **kwargs)
+    assert isinstance(result.strategy, SingleDeviceStrategy) and result.launch == "none"
+    assert result.device_indices == devices and result.world_size == 1
+    top = result.topology
+    assert (top.world_size, top.global_rank, top.local_rank, top.node_rank) == (1, 0, 0, 0)
+    assert not top.creates_processes_externally and result.environment.name == "local"
+
+
+@pytest.mark.parametrize(
+    ("env", "kwargs", "words"),
+    [
+        ({**TORCHRUN_2, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, {"devices": 2}, "asks for 2 processes"),
+        (TORCHRUN_2, {"devices": 1, "strategy": "ddp"}, "asks for 1 processes"),
+        ({**TORCHRUN_2, "WORLD_SIZE": "4"}, {"devices": 1, "num_nodes": 2}, "asks for 2 processes"),
+        # one process per node on two nodes, num_nodes left at 1: "auto" follows the launcher
+        ({**TORCHRUN_2, "LOCAL_WORLD_SIZE": "1", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, {}, "asks for 1 pro"),
+    ],
+)
+def test_other_counts_inside_a_launched_job_are_refused(
+    env: dict[str, str], kwargs: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ValueError, match=words):
+        plan(env, accelerator="cpu", **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "probe", "world_size"),
+    [
+        ({"accelerator": "cpu", "devices": 2, "strategy": "ddp_spawn"}, CPU, 2),
+        ({"accelerator": "cpu", "devices": 2, "strategy": "ddp_fork"}, CPU, 2),
+        ({"accelerator": "cpu", "devices": 2, "num_nodes": 3}, CPU, 6),
+        ({"accelerator": "cpu", "devices": 2, "strategy": "fsdp"}, CPU, 2),
+        ({"accelerator": "cuda", "devices": 2, "strategy": "dp"}, TWO_GPUS, 1),  # one process
+        ({}, CPU, 1),
+    ],
+)
+def test_strategy_knows_the_planned_world_size(
+    kwargs: dict[str, Any], probe: HardwareProbe, world_size: int
+) -> None:
+    strategy = plan(probe=probe, **kwargs).strategy
+    assert not strategy.is_bound
+    assert (strategy.world_size, strategy.global_rank, strategy.is_global_zero) == (world_size, 0, True)
+
+
 @pytest.mark.parametrize(
     ("value", "canonical"),
     [(None, "32-true"), ("32", "32-true"), (32, "32-true"), (64, "64-true"), ("64", "64-true"),

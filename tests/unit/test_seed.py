@@ -74,9 +74,41 @@ def test_out_of_range_seed_is_rejected(bad: int) -> None:
         seed_everything(bad)
 
 
-def test_non_int_seed_is_rejected() -> None:
-    with pytest.raises(TypeError, match="needs an int"):
-        seed_everything("3")  # type: ignore[arg-type]
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("42", 42), (" 7 ", 7), (3.7, 3), (np.int64(5), 5), (torch.tensor(9), 9), (np.float32(2.9), 2)],
+)
+def test_seed_is_converted_with_int_like_lightning(given: object, expected: int) -> None:
+    assert seed_everything(given) == expected  # type: ignore[arg-type]
+    assert current_seed() == expected
+    first = draws()
+    seed_everything(expected)
+    assert draws() == first
+
+
+def test_fabric_seed_everything_converts_too() -> None:
+    from handloom import Fabric
+
+    assert Fabric.seed_everything("42") == 42
+    assert Fabric.seed_everything(3.7, verbose=False) == 3
+
+
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        ("abc", ValueError, r"seed_everything\(seed='abc'\) is not a whole number"),
+        ("3.7", ValueError, "is not a whole number"),  # int("3.7") fails in Lightning too
+        ("-1", ValueError, r"seed_everything\(seed=-1\) is outside the range"),
+        (2.0**32, ValueError, "is outside the range"),
+        (float("nan"), ValueError, "has no integer value"),
+        (float("inf"), ValueError, "has no integer value"),
+        ([1], TypeError, "needs a number, got list"),
+        (True, TypeError, "got a bool"),
+    ],
+)
+def test_seeds_without_a_whole_number_are_rejected(bad: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        seed_everything(bad)  # type: ignore[arg-type]
 
 
 def test_rank_offset_gives_each_rank_its_own_draws() -> None:

@@ -201,3 +201,55 @@ def test_materialize_uses_the_private_reset_of_torch_attention() -> None:
     assert materialize.materialize(layer, torch.device("cpu")) == []
     weight = layer.self_attn.in_proj_weight
     assert torch.isfinite(weight).all() and 0 < weight.abs().max() <= (6 / (8 + 24)) ** 0.5  # xavier bound
+
+
+def _rope(seq_len: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    positions = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None]
+    return torch.cos(positions * torch.arange(1, dim + 1, device=device, dtype=torch.float32))
+
+
+class RopeNet(nn.Module):
+    """Like litgpt's GPT: ``reset_parameters`` on the root only rebuilds (reassigns) its buffers."""
+
+    def __init__(self, seq_len: int = 6) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.head = nn.Linear(4, 10)
+        self.seq_len = seq_len
+        self.register_buffer("cos", _rope(seq_len, 4), persistent=False)
+
+    def reset_parameters(self) -> None:
+        self.cos = _rope(self.seq_len, 4, device=self.cos.device)  # a new tensor, not an in-place copy
+        # A buffer of another shape and dtype, and one registered under a new name.
+        self.register_buffer("steps", torch.arange(self.seq_len + 1, dtype=torch.int64), persistent=False)
+        if not hasattr(self, "sin"):
+            self.register_buffer("sin", torch.sin(self.cos), persistent=False)
+
+
+def test_materialize_keeps_tensors_that_reset_parameters_assigns() -> None:
+    torch.manual_seed(3)
+    eager = RopeNet()
+    eager.reset_parameters()
+    with torch.device("meta"):
+        model = RopeNet()
+        model.register_buffer("steps", torch.zeros(2, dtype=torch.float16), persistent=False)
+    torch.manual_seed(3)
+    allocated: list[tuple[int, ...]] = []
+    original = materialize._empty_like
+
+    def counting(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if device.type != "meta":
+            allocated.append(tuple(tensor.shape))
+        return original(tensor, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(materialize, "_empty_like", counting)
+        assert materialize.materialize(model, torch.device("cpu")) == []
+    assert not materialize.has_meta_tensors(model)
+    for name, expected in eager.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], expected, msg=name)
+    for name in ("cos", "sin", "steps"):
+        torch.testing.assert_close(getattr(model, name), getattr(eager, name), msg=name)
+    assert model.steps.dtype == torch.int64 and model.steps.shape == (7,)
+    # The root's reset touched only its own buffer: no full-size copy of the embedding or head.
+    assert allocated == [(6, 4), (10, 4), (10, 4), (10,)]

@@ -2,15 +2,18 @@
 
 Public helpers (``from handloom.checkpoint import ...``):
 
+* :class:`RandomState`: put it in ``fabric.save``'s state to record every rank's random
+  streams; ``fabric.load`` restores this rank's.
 * :class:`CheckpointFolder` / :func:`latest_checkpoint`: numbered checkpoints in a directory, the
   newest complete one, keeping the last K.
 * :func:`consolidate`: merge a sharded checkpoint into one ``torch.load``-able file (also
   ``handloom consolidate CKPT_DIR OUT_FILE``).
 * :class:`CheckpointSaveError`: raised when a background save failed.
-* :data:`RESUME_KEY`: the key under which ``fabric.save`` records what an exact resume needs.
+* :data:`RESUME_KEY`: the key under which earlier handloom versions recorded resume state in
+  every checkpoint; loads drop that entry.
 
 The modules: :mod:`.io` (atomic file writes, checked reads), :mod:`.state` (user state to and
-from state dicts), :mod:`.resume` (random states, loader progress, scaler, metadata),
+from state dicts), :mod:`.resume` (random states and loader positions per rank),
 :mod:`.staging` (committing sharded directories), :mod:`.background` (async saves),
 :mod:`.folder` (retention), :mod:`.consolidate`.
 """
@@ -21,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from handloom.checkpoint.consolidate import consolidate
 from handloom.checkpoint.io import read_checkpoint, write_atomic
-from handloom.checkpoint.resume import RESUME_KEY
+from handloom.checkpoint.resume import RESUME_KEY, RandomState
 from handloom.checkpoint.state import apply_filter, check_filter, collect_state, restore_state
 
 if TYPE_CHECKING:
@@ -32,6 +35,7 @@ __all__ = [
     "RESUME_KEY",
     "CheckpointFolder",
     "CheckpointSaveError",
+    "RandomState",
     "apply_filter",
     "check_filter",
     "collect_state",

@@ -152,3 +152,61 @@ def write_file(path: Path, payload: dict[str, Any], async_save: bool) -> None:
     wait()  # the write in flight reads the buffers the copy goes into
     copied = host_copy(payload, reuse_buffers=True)
     submit(str(path), lambda: write_atomic(path, copied))
+
+
+def write_shared(
+    path: Path,
+    build: Callable[[], dict[str, Any]] | None,
+    async_save: bool,
+    share: Callable[[str | None], str | None],
+) -> None:
+    """Write ``path`` from one rank while every rank waits until the file is committed.
+
+    The writing rank passes ``build`` (which makes the payload), the others ``None``. ``share`` is
+    a collective that every rank calls once, after the write: it hands the writer's failure
+    (``None`` once the file is committed) to every rank. With ``async_save`` the write and
+    ``share`` run in the background on every rank, so each rank's next save or load waits for the
+    commit; a failed background write is raised on the writing rank.
+
+    Raises:
+        RuntimeError: On the other ranks, when the writing rank failed (synchronous saves).
+    """
+    from handloom.checkpoint.io import write_atomic
+
+    wait()  # also: the write in flight reads the buffers the copy goes into
+    if build is None:
+        if async_save:
+
+            def wait_for_writer() -> None:
+                share(None)  # the writing rank raises its own failure
+
+            submit(str(path), wait_for_writer)
+            return
+        failure = share(None)
+        if failure is not None:
+            raise RuntimeError(
+                f"fabric.save({str(path)!r}) failed on global rank 0, which writes the file: {failure}."
+                " Nothing was written (a previous file at that path is intact). Fix the cause (see rank"
+                " 0's error) and save again."
+            )
+        return
+
+    def write(payload: dict[str, Any]) -> None:
+        try:
+            write_atomic(path, payload)
+        except BaseException as err:
+            share(f"{type(err).__name__}: {str(err).rstrip('.')}")
+            raise
+        share(None)
+
+    try:
+        payload = build()
+        if async_save:
+            payload = host_copy(payload, reuse_buffers=True)
+    except BaseException as err:
+        share(f"{type(err).__name__}: {str(err).rstrip('.')}")
+        raise
+    if async_save:
+        submit(str(path), lambda: write(payload))
+    else:
+        write(payload)

@@ -2,7 +2,8 @@
 
 The result holds, under the same keys as the sharded checkpoint, full model state dicts, optimizer
 state dicts in ``torch.optim``'s position-keyed form (so ``optimizer.load_state_dict`` takes them),
-the other saved values, and the resume state. It is written atomically. The whole state passes
+and the other saved values (dataloader positions and random states under the keys they were
+saved with). It is written atomically. The whole state passes
 through CPU memory once.
 """
 
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from handloom.checkpoint import staging
+from handloom.checkpoint import resume, staging
 from handloom.checkpoint.io import write_atomic
 
 
@@ -47,7 +48,7 @@ def consolidate(
             f"The output file {str(target)!r} already exists. Choose another output file, or replace it"
             " with --overwrite (overwrite=True)."
         )
-    data = read_sharded(source)  # a damaged shard is a RuntimeError naming it
+    data = resume.drop_legacy(read_sharded(source), None)  # a damaged shard is a RuntimeError naming it
     write_atomic(target, {key: _position_keyed(value) for key, value in data.items()})
     return target
 

@@ -3,9 +3,10 @@
 Example::
 
     folder = CheckpointFolder("checkpoints", keep_last=3)
+    state = {"model": model, "optimizer": optimizer, "loader": loader, "rng": RandomState(), "step": 0}
     folder.resume(fabric, state)  # the newest complete checkpoint, if any
     ...
-    fabric.save(folder.path(step), state)
+    fabric.save(folder.path(step), state)  # on every rank
     if fabric.is_global_zero:
         folder.prune()
 """
@@ -106,10 +107,13 @@ class CheckpointFolder:
         The one line that makes a script resume after a crash, a preemption or an elastic restart
         (``handloom run --max-restarts N``): every rank loads the checkpoint global rank 0 found,
         so ranks never resume from different steps. Call it on every rank after ``fabric.setup``.
+        It restores what ``state`` holds, as ``fabric.load`` does: with the set-up dataloader and
+        a :class:`~handloom.checkpoint.RandomState` in it, the run continues mid-epoch exactly.
 
         Example::
 
-            state = {"model": model, "optimizer": optimizer, "step": 0}
+            state = {"model": model, "optimizer": optimizer, "loader": loader, "rng": RandomState()}
+            state["step"] = 0
             CheckpointFolder("checkpoints").resume(fabric, state)  # state["step"] is the saved one
         """
         latest: Path | None = fabric.broadcast(self.latest())

@@ -1,6 +1,9 @@
-"""Fabric's side of checkpointing: which dataloaders exist, what a resume restores, waiting at exit.
+"""Fabric's side of checkpointing: the per-rank values of a state, what a load restores, waiting at exit.
 
-``Fabric.save``/``load`` delegate here; the strategy decides the format and who writes.
+``Fabric.save``/``load`` delegate here; the strategy decides the format and who writes. Set-up
+dataloaders and :class:`~handloom.checkpoint.resume.RandomState` values are handled here, so the
+strategies see only plain entries: on save, this rank's entry of each (gathered across ranks by
+the strategy); on load, a placeholder that the checkpoint's value replaces, restored afterwards.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import weakref
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,11 +23,17 @@ from handloom.checkpoint.state import SaveRequest, check_load_state, check_path,
 
 if TYPE_CHECKING:
     from handloom.strategies.base import Strategy
-    from handloom.wrappers import _FabricDataLoader
+
+
+class _Placeholder:
+    """Stands in for a per-rank value during a load, so the strategy treats it as a plain value."""
+
+    def __repr__(self) -> str:
+        return "<restored by fabric.load>"
 
 
 class CheckpointSession:
-    """Tracks the set-up dataloaders in setup order and applies resume state to them.
+    """Saves and loads a Fabric's checkpoints through its strategy; waits for background saves at exit.
 
     Args:
         strategy: The Fabric's strategy (writes and reads checkpoints).
@@ -34,23 +43,8 @@ class CheckpointSession:
 
     def __init__(self, strategy: Strategy, on_failed_exit: Callable[[], None]) -> None:
         self._strategy = strategy
-        self._loaders: list[weakref.ref[_FabricDataLoader]] = []
-        self._pending: list[Any] = []
         self._on_failed_exit = on_failed_exit
         self._exit_hook = False
-
-    def add_loader(self, loader: _FabricDataLoader) -> None:
-        """Register a newly set-up loader; apply progress a loaded checkpoint holds for its slot."""
-        index = len(self._loaders)
-        self._loaders.append(weakref.ref(loader))
-        if index < len(self._pending) and self._pending[index] is not None:
-            progress, saved_world = self._pending[index]
-            self._pending[index] = None
-            world_size = self._strategy.world_size
-            loader.restore_progress(progress, saved_world_size=saved_world, world_size=world_size)
-
-    def _live_loaders(self) -> list[_FabricDataLoader | None]:
-        return [ref() for ref in self._loaders]
 
     def save(
         self,
@@ -59,14 +53,14 @@ class CheckpointSession:
         filter: Any,
         modules: list[torch.nn.Module],
         *,
-        resume_state: bool,
+        resume_state: bool | None,
         async_save: bool,
     ) -> None:
         """Build the request for ``fabric.save`` and hand it to the strategy."""
         check_path(path, "save")
-        check_user_state(state, resume.RESUME_KEY)
-        entry = resume.rank_entry(self._live_loaders()) if resume_state else None
-        request = SaveRequest(Path(path), state, filter, modules, entry, async_save)
+        check_user_state(state)
+        _warn_resume_state(resume_state, "save")
+        request = SaveRequest(Path(path), state, filter, modules, resume.local_entries(state), async_save)
         if async_save:
             self._install_exit_hook()
         self._strategy.save_checkpoint(request)
@@ -78,29 +72,29 @@ class CheckpointSession:
         strict: bool,
         modules: list[torch.nn.Module],
         *,
-        resume_state: bool,
+        resume_state: bool | None,
         weights_only: bool,
     ) -> Any:
-        """Restore ``state`` (and, with ``resume_state``, random states, loaders, scaler); return the rest."""
+        """Restore ``state`` in place (loaders and ``RandomState`` values too); return the rest."""
         check_path(path, "load")
         check_load_state(state)
+        _warn_resume_state(resume_state, "load")
         background.wait()  # the checkpoint being loaded may be the one still being written
         strategy = self._strategy
-        remainder = strategy.load_checkpoint(path, state, strict, modules, weights_only)
         if state is None:
-            return remainder
-        saved = remainder.pop(resume.RESUME_KEY, None)
-        if resume_state and isinstance(saved, dict) and saved.get("ranks"):
-            pending = resume.restore(
-                saved,
-                rank=strategy.global_rank,
-                world_size=strategy.world_size,
-                loaders=self._live_loaders(),
-                scaler=strategy.amp.scaler,
-            )
-            saved_world = int(saved["meta"]["world_size"])
-            self._pending = [None if p is None else (p, saved_world) for p in pending]
-        return remainder
+            whole = strategy.load_checkpoint(path, None, strict, modules, weights_only)
+            return resume.drop_legacy(whole, None)
+        values = {key: value for key, value in state.items() if resume.is_resume_value(value)}
+        inner = {key: _Placeholder() if key in values else value for key, value in state.items()}
+        remainder = strategy.load_checkpoint(path, inner, strict, modules, weights_only)
+        for key in state:
+            if key not in values:
+                state[key] = inner[key]  # plain values were written into the copy
+        saved = {key: inner[key] for key in values if not isinstance(inner[key], _Placeholder)}
+        if resume_state is not False:
+            rank, world_size = strategy.global_rank, strategy.world_size
+            resume.restore(values, saved, rank=rank, world_size=world_size, path=path)
+        return resume.drop_legacy(remainder, state)
 
     def wait(self) -> None:
         """Finish the background save in flight (launched workers call this before returning)."""
@@ -120,3 +114,21 @@ class CheckpointSession:
             self._on_failed_exit()
             sys.stdout.flush()
             os._exit(1)  # an exit hook cannot change the exit status any other way
+
+
+def _warn_resume_state(resume_state: bool | None, method: str) -> None:
+    if resume_state is None:
+        return
+    effect = (
+        "resume_state=False skips restoring the set-up dataloaders and RandomState values in state"
+        if method == "load"
+        else "it has no effect on a save"
+    )
+    warnings.warn(
+        f"fabric.{method}(..., resume_state={resume_state!r}) is deprecated: a checkpoint holds the"
+        f" dataloader positions and random states only where state has a set-up dataloader or a"
+        f" handloom.checkpoint.RandomState(), and a load restores only those ({effect}). Leave them"
+        " out of state instead, and drop the argument.",
+        DeprecationWarning,
+        stacklevel=4,  # the user's fabric.save / fabric.load call
+    )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from handloom.checkpoint.resume import combine
 from handloom.validation import describe
 from handloom.wrappers import unwrap
 
@@ -116,8 +117,8 @@ class SaveRequest:
         state: The user's state (wrapped or plain modules, optimizers, other objects, values).
         filter: Per-key ``(name, value) -> bool`` selections, or ``None``.
         modules: The modules set up with this Fabric (to find an optimizer's model).
-        resume: This rank's resume entry (random states, loader progress), or ``None`` to leave
-            the resume state out.
+        rank_entries: This rank's entries of the per-rank values in ``state`` (set-up loaders,
+            ``RandomState``), by key; see :mod:`handloom.checkpoint.resume`.
         async_save: Return once the state is in host memory and write in the background.
     """
 
@@ -125,8 +126,15 @@ class SaveRequest:
     state: Mapping[str, Any]
     filter: Mapping[str, Callable[[str, Any], bool]] | None
     modules: list[torch.nn.Module]
-    resume: dict[str, Any] | None
+    rank_entries: dict[str, Any]
     async_save: bool
+
+    def with_ranks(self, gathered: Sequence[Mapping[str, Any]]) -> SaveRequest:
+        """This request with each per-rank value replaced by every rank's entries (``gathered[rank]``)."""
+        if not self.rank_entries:
+            return self
+        values = combine(gathered)
+        return replace(self, state={key: values.get(key, value) for key, value in self.state.items()})
 
 
 def check_path(path: object, method: str) -> None:
@@ -151,21 +159,10 @@ def check_load_state(state: object) -> None:
     )
 
 
-def check_user_state(state: object, reserved: str) -> None:
-    """Reject a ``state`` that is not a dict, or that uses the key handloom reserves.
-
-    Raises:
-        TypeError: ``state`` is not a dict with string keys.
-        ValueError: ``state`` has the reserved key.
-    """
+def check_user_state(state: object) -> None:
+    """Reject a ``state`` that is not a dict (``TypeError``)."""
     if not isinstance(state, dict):
         raise TypeError(
             f"fabric.save(path, state) needs a dict for state, got {type(state).__name__}."
             ' Put the objects to save in a dict, for example {"model": model, "optimizer": optimizer}.'
-        )
-    if reserved in state:
-        raise ValueError(
-            f"fabric.save(state={{{reserved!r}: ...}}): the key {reserved!r} is reserved for the resume"
-            " state handloom records (random states, dataloader positions, gradient scaler). Rename"
-            " your key."
         )

@@ -28,6 +28,7 @@ class CSVLogger(_FileLogger):
     Files, under :attr:`log_dir`:
 
     * ``metrics.csv``: a ``step`` column, then one column per metric in order of first appearance.
+      The ``step`` column holds the ``step`` argument; a metric named ``step`` does not replace it.
       A row holds one ``log_metrics`` call; metrics it did not log are empty. When a new metric
       appears, the file is rewritten with the wider header and every earlier row kept.
     * ``hparams.json``: the hyperparameters (JSON, whatever is installed, so the file name never
@@ -132,7 +133,8 @@ class _CSVFile:
         columns = header or ["step"]
         new = [key for _, row in rows for key in row if key not in columns]
         new = list(dict.fromkeys(new))
-        records = [{"step": step, **row} for step, row in rows]
+        # The step argument wins over a metric named "step", as in Lightning.
+        records = [{**row, "step": step} for step, row in rows]
         if header and not new:
             with open(self.metrics_file_path, "a", newline="", encoding="utf-8") as handle:
                 csv.DictWriter(handle, fieldnames=columns).writerows(records)

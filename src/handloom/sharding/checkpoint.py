@@ -4,7 +4,8 @@ Two formats:
 
 * **sharded** (a directory): every rank writes its shards of model and optimizer tensors with
   ``torch.distributed.checkpoint.save``; rank 0 adds ``meta.pt`` with everything else the state
-  holds (plain values, LR schedulers, ...) and a description of the checkpoint. DCP reshards on
+  holds (plain values, LR schedulers, ...) and the marker ``handloom.json``, which describes the
+  checkpoint (versions, world size, strategy, precision, time). DCP reshards on
   load, so a checkpoint written by N processes loads on M, or in one process without any
   process group.
 * **full** (one file): the full model and optimizer state, gathered to rank 0 and written as one
@@ -102,16 +103,17 @@ def _tensor_state(
     return tensors, rest
 
 
-def save_sharded(request: SaveRequest, group: Any, resume_state: dict[str, Any]) -> None:
+def save_sharded(request: SaveRequest, group: Any, description: dict[str, Any]) -> None:
     """Write a DCP directory at ``request.path``: staged, then committed (see :mod:`.staging`).
 
-    Every rank calls this after :func:`handloom.distributed.await_ranks` and after rank 0 prepared
-    the staging directory. ``resume_state`` (rank 0) is the gathered value for ``RESUME_KEY``.
+    Every rank calls this after the ranks agreed on the save and rank 0 prepared the staging
+    directory. ``request`` holds every rank's per-rank entries; ``description`` (versions, world
+    size, ...) goes into the marker, not into the user's state.
     """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
-    from handloom.checkpoint import background, resume
+    from handloom.checkpoint import background
 
     target = Path(request.path)
     tensors, rest = _tensor_state(request.state, request.filter, request.modules)
@@ -120,12 +122,9 @@ def save_sharded(request: SaveRequest, group: Any, resume_state: dict[str, Any])
     if rank == 0:
         meta = {
             "handloom": {"format": FORMAT_VERSION, "tensor_keys": sorted(tensors)},
-            "state": {
-                **single_file.collect_state(rest, _only(request.filter, rest)),
-                resume.RESUME_KEY: resume_state,
-            },
+            "state": single_file.collect_state(rest, _only(request.filter, rest)),
         }
-    marker = {**resume_state["meta"], "format": FORMAT_VERSION}
+    marker = {**description, "format": FORMAT_VERSION}
     folder = staging.staging_path(target)
 
     def finish() -> None:
@@ -150,22 +149,25 @@ def save_sharded(request: SaveRequest, group: Any, resume_state: dict[str, Any])
     background.submit(str(target), complete)
 
 
-def save_full(request: SaveRequest, resume_state: dict[str, Any]) -> None:
-    """Gather the full state to rank 0 and write it as one ``torch.save`` file. Every rank calls this."""
+def save_full(request: SaveRequest, share: Callable[[str | None], str | None]) -> None:
+    """Gather the full state to rank 0 and write it as one ``torch.save`` file. Every rank calls this.
+
+    ``share`` hands rank 0's outcome to every rank (see :func:`handloom.checkpoint.background.write_shared`).
+    """
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    from handloom.checkpoint import background, resume
+    from handloom.checkpoint import background
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     tensors, rest = _tensor_state(request.state, request.filter, request.modules, options)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
-        payload = {**tensors, **single_file.collect_state(rest, _only(request.filter, rest))}
-        payload[resume.RESUME_KEY] = resume_state
-        background.write_file(Path(request.path), payload, request.async_save)
-    if dist.is_initialized() and not request.async_save:
-        dist.barrier()
+
+    def build() -> dict[str, Any]:
+        collected = {**tensors, **single_file.collect_state(rest, _only(request.filter, rest))}
+        return {key: collected[key] for key in request.state if key in collected}
+
+    background.write_shared(Path(request.path), build if rank == 0 else None, request.async_save, share)
 
 
 def is_sharded_checkpoint(path: str | os.PathLike[str]) -> bool:

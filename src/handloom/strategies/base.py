@@ -67,17 +67,30 @@ class Strategy:
     is_distributed: bool = False
     #: How processes are started when handloom starts them: "popen", "spawn", "fork" or None.
     start_method: str | None = None
+    #: True when the forward pass runs inside a wrapper (DDP, FSDP) that other model methods
+    #: would bypass: such methods must be marked with ``mark_forward_method``.
+    wraps_forward: bool = False
 
     def __init__(self) -> None:
         #: True when set-up moves the model to the device itself (Fabric then does not move it first).
         self.places_module_on_setup = False
         self._runtime: Runtime | None = None
         self._amp: AmpRunner | None = None
+        self._planned_world_size = 1
 
     def check_compatible(
         self, *, accelerator: AcceleratorName, world_size: int, probe: HardwareProbe
     ) -> None:
         """Reject an accelerator or process count the strategy cannot serve (pure; raises ValueError)."""
+
+    def plan_processes(self, world_size: int) -> None:
+        """Record how many processes the job will have, for :attr:`world_size` before they start.
+
+        Called by the option resolver. Code that sizes a batch by ``fabric.world_size`` before
+        ``fabric.launch()`` then sees the job's size, as under Lightning; :meth:`bind` later gives
+        the running process's own facts.
+        """
+        self._planned_world_size = world_size
 
     def bind(self, runtime: Runtime) -> None:
         """Give the strategy its runtime facts. Called once per process by Fabric.
@@ -126,6 +139,17 @@ class Strategy:
         return self._amp
 
     @property
+    def precision(self) -> AmpRunner:
+        """The precision runner, as Lightning's ``fabric.strategy.precision``.
+
+        Put it in ``fabric.save``'s state to checkpoint the gradient scaler of ``"16-mixed"``
+        (``state_dict()`` is ``{}`` without a scaler)::
+
+            state = {"model": model, "optimizer": optimizer, "precision": fabric.strategy.precision}
+        """
+        return self.amp
+
+    @property
     def root_device(self) -> torch.device:
         """This process's device."""
         return self.runtime.device
@@ -147,8 +171,8 @@ class Strategy:
 
     @property
     def world_size(self) -> int:
-        """Number of processes in the job."""
-        return self._runtime.topology.world_size if self._runtime else 1
+        """Number of processes in the job (before they are started: the number planned)."""
+        return self._runtime.topology.world_size if self._runtime else self._planned_world_size
 
     @property
     def is_global_zero(self) -> bool:
@@ -216,7 +240,7 @@ class Strategy:
 
     # --- checkpoints ----------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
-        """The metadata every checkpoint records: versions, world size, strategy, precision, time."""
+        """What a sharded checkpoint's marker records: versions, world size, strategy, precision, time."""
         from handloom.checkpoint import resume
 
         return resume.describe(
@@ -224,17 +248,12 @@ class Strategy:
         )
 
     def save_checkpoint(self, request: SaveRequest) -> None:
-        """Write one file from global rank 0; no collective, so rank 0 may call it alone."""
-        from handloom.checkpoint import background, resume, state
+        """Write one file holding exactly the keys of ``request.state`` (one process: no collective)."""
+        from handloom.checkpoint import background, state
 
         state.check_filter(request.state, request.filter)
-        if self.global_rank != 0:
-            background.wait()
-            return
+        request = request.with_ranks([request.rank_entries])
         payload = state.collect_state(request.state, request.filter)
-        ranks = {} if request.resume is None else {self.global_rank: request.resume}
-        scaler = None if request.resume is None else self.amp.scaler
-        payload[resume.RESUME_KEY] = resume.build(self.describe(), ranks, scaler)
         background.write_file(request.path, payload, request.async_save)
 
     def load_checkpoint(
@@ -271,7 +290,7 @@ class Strategy:
         return flag
 
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
-        """Reduce ``tensor`` over processes."""
+        """Reduce ``tensor`` over processes in place and return it (one process: returned as is)."""
         from handloom.distributed import resolve_reduce_op
 
         resolve_reduce_op(reduce_op)  # reject unknown names even with one process

@@ -10,7 +10,7 @@ import torch
 from typing_extensions import override
 
 from handloom.strategies.base import Strategy
-from handloom.strategies.parallel import DEFAULT_TIMEOUT, ParallelStrategy
+from handloom.strategies.parallel import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, ParallelStrategy
 
 __all__ = ["DEFAULT_TIMEOUT", "DDPStrategy"]
 
@@ -26,6 +26,8 @@ class DDPStrategy(ParallelStrategy):
         check_collectives: Check every collective across ranks (torch's ``DETAIL`` debug level):
             a collective some ranks never reach fails naming them, one that differs between ranks
             fails at once. Costs an extra round trip per collective; for debugging hangs.
+        save_timeout: How long ``fabric.save`` waits for every rank to call it (it is collective
+            here, as in Lightning) before it raises naming the ranks that did not (default 15 s).
         **ddp_kwargs: Passed to ``DistributedDataParallel`` (``find_unused_parameters``,
             ``static_graph``, ``gradient_as_bucket_view``, ``bucket_cap_mb``, ...).
 
@@ -35,6 +37,7 @@ class DDPStrategy(ParallelStrategy):
     """
 
     name = "ddp"
+    wraps_forward = True
 
     def __init__(
         self,
@@ -42,9 +45,10 @@ class DDPStrategy(ParallelStrategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         check_collectives: bool = False,
+        save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
         **ddp_kwargs: Any,
     ) -> None:
-        super().__init__(process_group_backend, timeout, start_method, check_collectives)
+        super().__init__(process_group_backend, timeout, start_method, check_collectives, save_timeout)
         _check_ddp_kwargs(ddp_kwargs)
         self.ddp_kwargs = ddp_kwargs
 

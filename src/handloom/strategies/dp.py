@@ -20,6 +20,7 @@ class DataParallelStrategy(Strategy):
     """
 
     name = "dp"
+    wraps_forward = True
 
     def __init__(self) -> None:
         super().__init__()

@@ -78,6 +78,7 @@ class FSDPStrategy(ShardedStrategy):
     """
 
     name = "fsdp"
+    wraps_forward = True
 
     def __init__(
         self,

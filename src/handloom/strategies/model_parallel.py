@@ -62,7 +62,8 @@ class ModelParallelStrategy(ShardedStrategy):
     handloom builds the mesh and calls ``parallelize_fn(model, device_mesh)``, in which you apply
     ``parallelize_module`` on ``device_mesh["tensor_parallel"]`` and ``fully_shard`` on
     ``device_mesh["data_parallel"]``. Data is sharded along the data-parallel axis only: the
-    processes of one tensor-parallel group see the same batches.
+    processes of one tensor-parallel group see the same batches, by construction (a shuffled
+    loader gets a seeded ``DistributedSampler`` even when the data-parallel size is 1).
 
     Args:
         parallelize_fn: ``(model, device_mesh) -> model``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from contextlib import AbstractContextManager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -12,6 +13,7 @@ from typing_extensions import override
 from handloom.strategies.base import Strategy
 
 if TYPE_CHECKING:
+    from handloom.checkpoint.state import SaveRequest
     from handloom.devices import AcceleratorName, HardwareProbe
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
@@ -33,6 +35,8 @@ class ParallelStrategy(Strategy):
             ``"forkserver"`` start ``fabric.launch(fn)`` in new processes.
         check_collectives: Turn on torch's collective checks (``TORCH_DISTRIBUTED_DEBUG=DETAIL``)
             before the process group is created.
+        save_timeout: How long ``fabric.save`` (collective: every rank calls it) waits for every
+            rank before it raises naming those that did not call it (default 15 s).
     """
 
     is_distributed = True
@@ -43,6 +47,7 @@ class ParallelStrategy(Strategy):
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         check_collectives: bool = False,
+        save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
     ) -> None:
         super().__init__()
         owner = type(self).__name__
@@ -64,11 +69,22 @@ class ParallelStrategy(Strategy):
                 f"{owner}(timeout={timeout!r}) must be positive: it is how long a collective waits for"
                 " the other ranks. Pass for example timedelta(minutes=10)."
             )
+        if not isinstance(save_timeout, timedelta) or save_timeout.total_seconds() <= 0:
+            raise (ValueError if isinstance(save_timeout, timedelta) else TypeError)(
+                f"{owner}(save_timeout={save_timeout!r}) must be a positive datetime.timedelta,"
+                " for example timedelta(seconds=60)."
+            )
         self.process_group_backend = process_group_backend
         self.timeout = timeout or DEFAULT_TIMEOUT
         self.check_collectives = check_collectives
         self.start_method = start_method
+        self.save_timeout = save_timeout
         self._cpu_group: Any = None
+        # Checkpoint coordination (arrival check, path agreement, per-rank entries, the writer's
+        # outcome, DCP's async-save collectives from a background thread) runs on its own gloo
+        # group, apart from training's collectives.
+        self._checkpoint_group: Any = None
+        self._checkpoint_group_broken = False
 
     @override
     def check_compatible(
@@ -102,6 +118,7 @@ class ParallelStrategy(Strategy):
         distributed.init_process_group(
             self.runtime.topology, backend=self.backend, timeout=self.timeout, device=self.root_device
         )
+        self._checkpoint_group = distributed.new_side_group(self.timeout)
 
     @property
     @override
@@ -149,10 +166,14 @@ class ParallelStrategy(Strategy):
 
     @override
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
+        """Reduce ``tensor`` over processes in place (through a copy on this process's device if it is
+        elsewhere or not contiguous) and return it; with one process it is returned unchanged."""
+        if self.world_size == 1:
+            return super().all_reduce(tensor, reduce_op, group)
         from handloom import distributed
 
         with self._naming_failures("fabric.all_reduce"):
-            return distributed.all_reduce(tensor.to(self.root_device), reduce_op, group)
+            return distributed.all_reduce(tensor, reduce_op, group, device=self.root_device)
 
     @override
     def all_gather(self, tensor: torch.Tensor, group: Any = None) -> torch.Tensor | list[torch.Tensor]:
@@ -168,10 +189,81 @@ class ParallelStrategy(Strategy):
         with self._naming_failures("fabric.broadcast"):
             return distributed.broadcast(obj, src, self.root_device)
 
+    # --- checkpoints ----------------------------------------------------------------------------
+    @override
+    def save_checkpoint(self, request: SaveRequest) -> None:
+        """Every rank calls it; global rank 0 writes one file; no rank returns before it is committed."""
+        from handloom.checkpoint import background
+        from handloom.checkpoint import state as user_state
+
+        user_state.check_filter(request.state, request.filter)
+        background.wait()
+        request = self._agree_on_save(request)
+
+        def build() -> dict[str, Any]:
+            return user_state.collect_state(request.state, request.filter)
+
+        writer = build if self.global_rank == 0 else None
+        background.write_shared(request.path, writer, request.async_save, self._from_rank_zero)
+
+    def _agree_on_save(self, request: SaveRequest) -> SaveRequest:
+        """Wait until every rank calls ``fabric.save``, check they name one path, gather per-rank entries.
+
+        Returns the request with every rank's entries in its per-rank values (see
+        :meth:`SaveRequest.with_ranks`).
+
+        Raises:
+            RuntimeError: Some ranks did not call it within ``save_timeout`` (named), the ranks
+                passed different paths (each rank's listed), or an earlier save broke the group.
+        """
+        _ = self.runtime  # before launch: the "not running yet" error
+        group = self._checkpoint_group
+        if group is None:
+            return request.with_ranks([request.rank_entries])
+        import torch.distributed as dist
+
+        from handloom import distributed
+
+        what = f"fabric.save({str(request.path)!r})"
+        if self._checkpoint_group_broken:
+            raise RuntimeError(
+                f"{what} cannot run: an earlier save timed out waiting for some ranks, which closed the"
+                " connections handloom coordinates saves over. Restart the job (from the last complete"
+                " checkpoint) after making every rank call fabric.save."
+            )
+        try:
+            distributed.await_ranks(group, self.save_timeout, what=what, owner=self)
+        except RuntimeError:
+            self._checkpoint_group_broken = True
+            raise
+        mine = (str(request.path), os.path.abspath(request.path), request.rank_entries)
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, mine, group=group)
+        if len({where for _, where, _ in gathered}) > 1:
+            paths = ", ".join(f"rank {rank}: {given!r}" for rank, (given, _, _) in enumerate(gathered))
+            raise RuntimeError(
+                f"fabric.save was called with different paths on different ranks ({paths}). A save under"
+                f" {type(self).__name__} is collective and writes one checkpoint, so every rank must pass"
+                " the same path; a save inside `if fabric.is_global_zero:` meets the other ranks' next"
+                " save this way. Nothing was saved: call fabric.save on every rank, with the same path."
+            )
+        return request.with_ranks([entries for _, _, entries in gathered])
+
+    def _from_rank_zero(self, value: Any) -> Any:
+        """Global rank 0's ``value`` on every rank, over the checkpoint group (every rank calls it)."""
+        if self._checkpoint_group is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._checkpoint_group)
+        return box[0]
+
     @override
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_cpu_group"] = None  # a process group belongs to the process that created it
+        state["_checkpoint_group"] = None
         return state
 
     @override

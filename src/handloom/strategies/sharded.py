@@ -68,16 +68,8 @@ class ShardedStrategy(ParallelStrategy):
         save_timeout: timedelta,
         check_collectives: bool,
     ) -> None:
-        super().__init__(process_group_backend, timeout, start_method, check_collectives)
-        if not isinstance(save_timeout, timedelta) or save_timeout.total_seconds() <= 0:
-            raise (ValueError if isinstance(save_timeout, timedelta) else TypeError)(
-                f"{type(self).__name__}(save_timeout={save_timeout!r}) must be a positive"
-                " datetime.timedelta, for example timedelta(seconds=60)."
-            )
+        super().__init__(process_group_backend, timeout, start_method, check_collectives, save_timeout)
         self.state_dict_type = state_dict_type
-        self.save_timeout = save_timeout
-        self._checkpoint_group: Any = None
-        self._checkpoint_group_broken = False
         # Sharding places parameters itself (fully_shard moves each unit as it shards it).
         self.places_module_on_setup = True
         # id -> (weak reference, path) of parameters that sharding replaced; see setup_optimizer.
@@ -171,7 +163,6 @@ class ShardedStrategy(ParallelStrategy):
         state = super().__getstate__()
         state["_replaced"] = {}  # weak references, and only meaningful in the process that set up
         state["_mesh"] = None
-        state["_checkpoint_group"] = None
         return state
 
     # --- the training step ----------------------------------------------------------------------
@@ -191,58 +182,28 @@ class ShardedStrategy(ParallelStrategy):
 
     # --- checkpoints ----------------------------------------------------------------------------
     @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        from handloom import distributed
-
-        # Checkpoint coordination (arrival check, resume-state gather, DCP's async-save
-        # collectives from a background thread) runs on its own gloo group, apart from training.
-        self._checkpoint_group = distributed.new_side_group(self.timeout)
-
-    @override
     def save_checkpoint(self, request: SaveRequest) -> None:
-        import torch.distributed as dist
-
-        from handloom import distributed
-        from handloom.checkpoint import background, resume, staging
+        """Every rank calls it: a directory of shards (staged, then committed), or one full file."""
+        from handloom.checkpoint import background, staging
         from handloom.checkpoint import state as user_state
         from handloom.sharding import checkpoint as sharded
 
         user_state.check_filter(request.state, request.filter)
         background.wait()
-        group = self._checkpoint_group
-        what = f"fabric.save({str(request.path)!r})"
-        if self._checkpoint_group_broken:
-            raise RuntimeError(
-                f"{what} cannot run: an earlier collective save timed out waiting for some ranks, which"
-                " closed the connections handloom coordinates saves over. Restart the job (from the last"
-                " complete checkpoint) after making every rank call fabric.save."
-            )
-        try:
-            distributed.await_ranks(group, self.save_timeout, what=what, owner=self)
-        except RuntimeError:
-            self._checkpoint_group_broken = True
-            raise
+        request = self._agree_on_save(request)
+        if self.state_dict_type == "full":
+            sharded.save_full(request, self._from_rank_zero)
+            return
         problem: str | None = None
-        if self.global_rank == 0 and self.state_dict_type == "sharded":
+        if self.global_rank == 0:
             try:
                 staging.prepare(request.path)
             except OSError as err:  # said on every rank below, so none waits for the others
                 problem = str(err)
-        entries: list[Any] = [(request.resume, problem)]
-        if dist.is_initialized() and self.world_size > 1:
-            entries = [None] * self.world_size
-            dist.all_gather_object(entries, (request.resume, problem), group=group)
-        if entries[0][1] is not None:
-            raise FileExistsError(entries[0][1])
-        entries = [entry for entry, _ in entries]
-        ranks = {rank: entry for rank, entry in enumerate(entries) if entry is not None}
-        scaler = self.amp.scaler if request.resume is not None else None
-        resume_state = resume.build(self.describe(), ranks, scaler)
-        if self.state_dict_type == "full":
-            sharded.save_full(request, resume_state)
-        else:
-            sharded.save_sharded(request, group, resume_state)
+        problem = self._from_rank_zero(problem)
+        if problem is not None:
+            raise FileExistsError(problem)
+        sharded.save_sharded(request, self._checkpoint_group, self.describe())
 
     @override
     def load_checkpoint(
