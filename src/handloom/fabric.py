@@ -766,9 +766,9 @@ class Fabric:
         data = read_checkpoint(path, mmap=True, weights_only=weights_only)
         validation.check_raw_state(path, target, data)
         if isinstance(target, torch.nn.Module) and _is_sharded(target):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            from handloom.wrappers import load_full_state_dict
 
-            set_model_state_dict(target, data, options=StateDictOptions(full_state_dict=True, strict=strict))
+            load_full_state_dict(target, data, strict)
         elif isinstance(target, torch.nn.Module):
             target.load_state_dict(data, strict=strict)
         else:

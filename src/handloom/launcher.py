@@ -141,16 +141,48 @@ def launch_function(
     from torch.distributed.launcher.api import elastic_launch
 
     error_dir = tempfile.mkdtemp(prefix="handloom-errors-")
+    gates = _fork_gates(spec) if start_method == "fork" else None
     try:
         with _fork_safe_garbage(start_method):
             results = elastic_launch(_config(spec, start_method), _worker)(
-                fabric, fn, args, kwargs, error_dir, start_method == "fork"
+                fabric, fn, args, kwargs, error_dir, gates
             )
     except ChildFailedError as err:
         raise _first_failure(error_dir, err) from None
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
     return results[min(results)]
+
+
+# How long a forked worker waits for its siblings to be forked before it goes on regardless.
+_FORK_GATE_TIMEOUT_S = 120.0
+
+
+def _fork_gates(spec: LaunchSpec) -> list[Any]:
+    """One barrier per attempt (first start and each restart) for the workers forked on this node.
+
+    A forked worker inherits every lock of this process as it was at the fork. The agent's store
+    server runs in a thread here and resolves the address of each worker that connects to it
+    (``getnameinfo``, which takes glibc's resolver lock); a worker forked while that thread holds
+    the lock waits forever on its own first connection. So forked workers wait at a barrier until
+    all of them exist, and only then connect: no fork happens while the server thread is busy.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    return [context.Barrier(spec.num_processes) for _ in range(spec.max_restarts + 1)]
+
+
+def _wait_for_siblings(gates: list[Any]) -> None:
+    """Wait until every worker of this attempt is forked (see :func:`_fork_gates`)."""
+    import threading
+
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt >= len(gates):
+        return
+    # A broken barrier: a sibling died before it got here, and the agent is ending the attempt anyway.
+    with contextlib.suppress(threading.BrokenBarrierError):
+        gates[attempt].wait(timeout=_FORK_GATE_TIMEOUT_S)
 
 
 @contextlib.contextmanager
@@ -180,9 +212,10 @@ def _worker(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     error_dir: str,
-    forked: bool,
+    gates: list[Any] | None,
 ) -> Any:
-    if forked:
+    if gates is not None:  # forked
+        _wait_for_siblings(gates)
         _single_threaded_after_fork()
         # The agent's own SIGTERM handler (raise in Python, later) came along with the fork. A worker
         # blocked inside a collective would not run it until the call returns, so the agent's stop

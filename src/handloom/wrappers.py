@@ -151,18 +151,7 @@ class _FabricModule(torch.nn.Module):
                 " assigning them would replace its shards with whole tensors. Pass assign=False, which"
                 " copies each rank's part of the full tensors into its shards."
             )
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        # torch keeps the current value of a key the full state dict lacks and reports nothing.
-        missing = [key for key in original.state_dict() if key not in state_dict]
-        if strict and missing:
-            raise RuntimeError(
-                f"Error(s) in loading state_dict for {type(original).__name__}:\n\tMissing key(s) in"
-                f" state_dict: {', '.join(repr(key) for key in missing)}."
-            )
-        options = StateDictOptions(full_state_dict=True, strict=strict)
-        result = set_model_state_dict(original, dict(state_dict), options=options)
-        return result._replace(missing_keys=[*missing, *result.missing_keys])
+        return load_full_state_dict(original, state_dict, strict)
 
     # --- methods other than forward -------------------------------------------------------------
     def mark_forward_method(self, method: str | Callable[..., Any]) -> None:
@@ -295,6 +284,29 @@ class _FabricModule(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"_FabricModule({self._original_module!r})"
+
+
+def load_full_state_dict(module: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool) -> Any:
+    """Copy each rank's part of the full tensors in ``state_dict`` into ``module``'s shards.
+
+    Returns:
+        torch's ``(missing_keys, unexpected_keys)`` result.
+
+    Raises:
+        RuntimeError: ``strict`` and ``state_dict`` lacks keys of ``module`` (torch's
+            ``set_model_state_dict`` would keep their current values and report nothing).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    missing = [key for key in module.state_dict() if key not in state_dict]
+    if strict and missing:
+        raise RuntimeError(
+            f"Error(s) in loading state_dict for {type(module).__name__}:\n\tMissing key(s) in"
+            f" state_dict: {', '.join(repr(key) for key in missing)}."
+        )
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    result = set_model_state_dict(module, dict(state_dict), options=options)
+    return result._replace(missing_keys=[*missing, *result.missing_keys])
 
 
 def _full_for_sharded(module: torch.nn.Module, state_dict: Mapping[str, Any]) -> bool:

@@ -163,6 +163,13 @@ def test_load_raw_puts_a_plain_state_dict_into_a_sharded_model(
         assert isinstance(param, DTensor)
         torch.testing.assert_close(_full(param), expected["params"][name], rtol=0, atol=0)
 
+    # A key the file lacks is an error under strict=True (torch alone would keep the old value silently).
+    partial = {name: value for name, value in expected["params"].items() if name != "0.bias"}
+    torch.save(partial, tmp_path / "partial.pt")
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: '0\.bias'"):
+        one_process_fsdp.load_raw(tmp_path / "partial.pt", model)
+    one_process_fsdp.load_raw(tmp_path / "partial.pt", model, strict=False)
+
 
 def test_a_filter_applies_to_the_model_in_sharded_and_full_saves(
     one_process_fsdp: Fabric, tmp_path: Path
