@@ -69,7 +69,10 @@ digest = hashlib.sha256()
 for name, value in sorted(model.state_dict().items()):
     digest.update(name.encode() + value.detach().contiguous().view(torch.uint8).numpy().tobytes())
 final = {"step": state["step"], "resumed_from": resumed_from, "checksum": digest.hexdigest()}
-fabric.print("FINAL " + json.dumps(final))
+# One write: print() writes the text and the newline apart, and another rank's line can land between.
+if fabric.is_global_zero:
+    sys.stdout.write("FINAL " + json.dumps(final) + "\\n")
+    sys.stdout.flush()
 """
 
 
