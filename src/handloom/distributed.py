@@ -169,15 +169,17 @@ def all_reduce(
     """Reduce ``tensor`` across ranks in place and return it, as ``torch.distributed.all_reduce`` does.
 
     A mean sums, then divides in place: an integer tensor keeps its dtype and receives the true
-    mean truncated toward zero (Lightning's behaviour). A tensor that is not contiguous, or not on
-    ``device`` (the one the backend communicates from), is reduced through a copy that is written
-    back into it.
+    mean truncated toward zero (Lightning's behaviour). A tensor on another device than ``device``
+    (the one the backend communicates from) is moved there first and the moved copy is reduced and
+    returned, leaving the caller's tensor as it was, as Lightning does. A tensor that is not
+    contiguous is reduced through a copy that is written back into it.
     """
     reduce_op, divide = resolve_reduce_op(op)
-    target = tensor.device if device is None else device
+    if device is not None and tensor.device != device:
+        tensor = tensor.to(device)
     work = tensor
-    if tensor.device != target or not tensor.is_contiguous():
-        work = tensor.to(target, memory_format=torch.contiguous_format, copy=True)
+    if not tensor.is_contiguous():
+        work = tensor.contiguous()
     dist.all_reduce(work, op=reduce_op, group=group)
     if divide:
         world = dist.get_world_size(group)

@@ -475,11 +475,13 @@ class Fabric:
     def all_reduce(self, data: Any, group: Any = None, reduce_op: Any = "mean") -> Any:
         """Reduce tensors (or numbers, or collections of them) across processes, in place.
 
-        Every tensor is reduced in place and returned, so ``fabric.all_reduce(loss)`` alone updates
-        ``loss``. A mean divides in place: an integer tensor keeps its dtype and gets the mean
-        truncated toward zero. Python numbers and NumPy arrays anywhere in ``data`` are first turned
-        into tensors on the device (``bool`` to ``uint8``, ``int`` to ``int32``, ``float`` to
-        ``float32``) and come back as tensors. Every process must call it with the same shapes.
+        Every tensor on this process's device is reduced in place and returned, so
+        ``fabric.all_reduce(loss)`` alone updates ``loss``; a tensor elsewhere is reduced as a copy
+        moved to the device (yours is left as it was), as in Lightning. A mean divides in place:
+        an integer tensor keeps its dtype and gets the mean truncated toward zero. Python numbers
+        and NumPy arrays anywhere in ``data`` are first turned into tensors on the device
+        (``bool`` to ``uint8``, ``int`` to ``int32``, ``float`` to ``float32``) and come back as
+        tensors. Every process must call it with the same shapes.
 
         Args:
             data: A tensor, number or array, or a (nested) collection of them.

@@ -166,8 +166,8 @@ class ParallelStrategy(Strategy):
 
     @override
     def all_reduce(self, tensor: torch.Tensor, reduce_op: Any = "mean", group: Any = None) -> torch.Tensor:
-        """Reduce ``tensor`` over processes in place (through a copy on this process's device if it is
-        elsewhere or not contiguous) and return it; with one process it is returned unchanged."""
+        """Reduce ``tensor`` over processes in place and return it (a tensor on another device: a copy
+        moved to this process's device); with one process it is returned unchanged."""
         if self.world_size == 1:
             return super().all_reduce(tensor, reduce_op, group)
         from handloom import distributed
