@@ -190,8 +190,10 @@ def resolve_plan(options: FabricOptions, env: Mapping[str, str], probe: Hardware
     strategy = _resolve_strategy(values["strategy"], accelerator, world_size, probe)
     if external and _is_standalone(topology, values["devices"], world_size, strategy):
         # A one-device Fabric made inside a running job (e.g. on rank 0 after training) stands
-        # alone, as under Lightning: rank 0 of its own, no process group joined.
-        environment, topology, external = LocalEnvironment(), _standalone_topology(), False
+        # alone, as under Lightning: what a process started by hand gets, not reading the job's
+        # variables (rank 0 of its own, no process group joined).
+        environment, external = LocalEnvironment(), False
+        topology = environment.topology({})
     launch = _resolve_launch(strategy, external, world_size, probe)
     if external:
         _check_external_world(topology, len(device_indices), num_nodes, values["devices"])
@@ -260,21 +262,6 @@ def _is_standalone(topology: Topology, devices: object, world_size: int, strateg
     strategy) inside a job that a launcher started with several."""
     asked = devices != "auto"  # "auto" follows the launcher; a count that differs is an error there
     return asked and world_size == 1 and topology.world_size > 1 and not strategy.is_distributed
-
-
-def _standalone_topology() -> Topology:
-    return Topology(
-        name=LocalEnvironment.name,
-        world_size=1,
-        global_rank=0,
-        local_rank=0,
-        node_rank=0,
-        local_world_size=1,
-        num_nodes=1,
-        main_address=None,
-        main_port=None,
-        creates_processes_externally=False,
-    )
 
 
 def _check_external_world(topology: Topology, num_processes: int, num_nodes: int, devices: object) -> None:
