@@ -195,7 +195,7 @@ def write_shared(
         try:
             write_atomic(path, payload)
         except BaseException as err:
-            share(f"{type(err).__name__}: {str(err).rstrip('.')}")
+            share(_failure(err))
             raise
         share(None)
 
@@ -204,9 +204,14 @@ def write_shared(
         if async_save:
             payload = host_copy(payload, reuse_buffers=True)
     except BaseException as err:
-        share(f"{type(err).__name__}: {str(err).rstrip('.')}")
+        share(_failure(err))
         raise
     if async_save:
         submit(str(path), lambda: write(payload))
     else:
         write(payload)
+
+
+def _failure(err: BaseException) -> str:
+    """How the writing rank's failure is told to the other ranks."""
+    return f"{type(err).__name__}: {str(err).rstrip('.')}"
