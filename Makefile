@@ -20,8 +20,8 @@ demo: env
 	$(VENV)/bin/handloom run --accelerator cpu --devices 2 --strategy ddp examples/train_classifier.py --epochs 3
 
 lint: env
-	$(VENV)/bin/ruff check src tests examples benchmarks
-	$(VENV)/bin/ruff format --check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks tools
+	$(VENV)/bin/ruff format --check src tests examples benchmarks tools
 
 typecheck: env
 	$(VENV)/bin/mypy

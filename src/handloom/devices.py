@@ -78,6 +78,11 @@ def resolve_accelerator(value: str, probe: HardwareProbe) -> AcceleratorName:
                 " Use accelerator='cpu' or 'auto'."
             )
         return "mps"
+    if value == "tpu":
+        raise ValueError(
+            "Fabric(accelerator='tpu') cannot run: handloom does not support TPUs or other XLA devices."
+            " Choose one of: 'cpu', 'cuda', 'gpu', 'mps', 'auto'."
+        )
     raise ValueError(
         f"Fabric(accelerator={value!r}) is not a known accelerator."
         " Choose one of: 'cpu', 'cuda', 'gpu', 'mps', 'auto'."

@@ -16,14 +16,23 @@ from torch.utils.data import DataLoader
 
 from handloom import launcher, preemption, validation
 from handloom.apply import apply_to_tensors, convert_to_tensors, move_data_to_device
+from handloom.device_dtype import _update_properties
 from handloom.devices import probe_hardware
-from handloom.environments import Topology, read_topology
+from handloom.environments import Topology, read_topology, record_ranks
 from handloom.loggers import _fabric as _loggers
 from handloom.options import FabricOptions, Plan, resolve_plan
 from handloom.strategies.base import Runtime, Strategy
-from handloom.wrappers import _FabricDataLoader, _FabricModule, _FabricOptimizer, compiled_original
+from handloom.utilities import rank_zero
+from handloom.wrappers import (
+    _FabricDataLoader,
+    _FabricModule,
+    _FabricOptimizer,
+    compiled_original,
+    parameter_device,
+)
 
 if TYPE_CHECKING:
+    from handloom.accelerators import Accelerator
     from handloom.checkpoint.session import CheckpointSession
 
 
@@ -31,7 +40,8 @@ class Fabric:
     """Scale a plain PyTorch training loop across devices, precisions and processes.
 
     Args:
-        accelerator: ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"`` or ``"auto"``.
+        accelerator: ``"cpu"``, ``"cuda"``, ``"gpu"``, ``"mps"``, ``"auto"``, or an
+            :class:`~handloom.accelerators.Accelerator` instance (``CUDAAccelerator()``, or your own).
         strategy: ``"auto"``, ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``,
             ``"ddp_find_unused_parameters_true"``, ``"dp"``, ``"fsdp"``, ``"fsdp_cpu_offload"``, or a
             strategy instance (``DDPStrategy``, ``FSDPStrategy``, ``ModelParallelStrategy``, ...).
@@ -40,7 +50,9 @@ class Fabric:
         num_nodes: Number of machines.
         precision: ``"32-true"`` (default), ``"64-true"``, ``"16-mixed"``, ``"bf16-mixed"``,
             ``"16-true"``, ``"bf16-true"`` or a legacy alias (``"32"``, ``"16"``, ``"bf16"``, 32, 16, 64).
-        plugins: A cluster environment (or a list holding one) to use instead of auto-detection.
+        plugins: A plugin or a list of them, at most one of each kind (``handloom.plugins``): a
+            ``ClusterEnvironment`` to use instead of detection, a ``CheckpointIO`` that stores
+            single-file checkpoints, a ``Precision``.
         callbacks: An object or a list of objects whose methods ``fabric.call(name, ...)`` invokes.
         loggers: A logger or a list of them (``handloom.loggers.CSVLogger``, ``TensorBoardLogger``, or
             any object with ``log_metrics(metrics, step)``), used by ``fabric.log``. They are
@@ -66,7 +78,7 @@ class Fabric:
     def __init__(
         self,
         *,
-        accelerator: str = "auto",
+        accelerator: str | Accelerator = "auto",
         strategy: str | Strategy = "auto",
         devices: int | str | list[int] | tuple[int, ...] = "auto",
         num_nodes: int = 1,
@@ -102,8 +114,12 @@ class Fabric:
             device = torch.device(plan.accelerator, plan.device_indices[topology.local_rank])
         else:
             device = torch.device(plan.accelerator, plan.device_indices[0])
-        self._strategy.bind(Runtime(plan.accelerator, device, topology, plan.num_nodes, plan.precision))
+        runtime = Runtime(
+            plan.accelerator, device, topology, plan.num_nodes, plan.precision, plan.accelerator_object
+        )
+        self._strategy.bind(runtime)
         _loggers.bind_rank(self._loggers, topology.global_rank)
+        rank_zero._follow_rank(topology.global_rank)  # rank_zero_only.rank, as Lightning's strategies set it
         if topology.creates_processes_externally:
             launcher.install_failure_recorder()
 
@@ -112,6 +128,7 @@ class Fabric:
         _, topology = read_topology(
             explicit=self._plan.environment if self._plan.launch == "external" else None
         )
+        record_ranks(self._plan.environment, topology)  # as Lightning's strategies tell the environment
         self._bind(topology)
         self._setup_environment()
 
@@ -138,8 +155,9 @@ class Fabric:
     def launch(self, function: Callable[..., Any] | None = None, *args: Any, **kwargs: Any) -> Any:
         """Start the processes (one per device) and join them into a process group.
 
-        With ``strategy="ddp"`` the script is re-run once per device and the calling process waits
-        for them and exits with their status. With ``"ddp_spawn"``/``"ddp_fork"``/``"ddp_notebook"``,
+        With ``strategy="ddp"`` the script's command is re-run for every other device and the
+        calling process goes on as rank 0, as in Lightning; if a rank fails, the others are stopped
+        and the job ends with a non-zero status. With ``"ddp_spawn"``/``"ddp_fork"``/``"ddp_notebook"``,
         ``function(fabric, *args, **kwargs)`` runs in each new process and rank 0's result is
         returned. Under an external launcher (``handloom run``, torchrun, srun) the processes exist
         already: ``launch`` joins the process group and calls ``function`` if given.
@@ -158,7 +176,11 @@ class Fabric:
             self._plan.topology, self._plan.num_processes, self._plan.num_nodes
         )
         if mode == "script":
-            launcher.launch_script(spec)
+            from handloom import script_launcher
+
+            script_launcher.start_workers(spec, launcher.script_command())
+            self._enter_worker()
+            return function(self, *args, **kwargs) if function is not None else None
         if function is None:
             raise TypeError(
                 f"Fabric(strategy={self._strategy.name!r}) starts a function in each new process, so it needs"
@@ -202,9 +224,11 @@ class Fabric:
         return self._strategy
 
     @property
-    def accelerator(self) -> str:
-        """The accelerator in use: ``"cpu"``, ``"cuda"`` or ``"mps"``."""
-        return self._plan.accelerator
+    def accelerator(self) -> Accelerator:
+        """The accelerator in use, e.g. ``CUDAAccelerator()`` (``fabric.accelerator.name()`` gives
+        ``"cpu"``, ``"cuda"`` or ``"mps"``; ``fabric.device.type`` gives the same)."""
+        assert self._plan.accelerator_object is not None  # the resolver always sets it
+        return self._plan.accelerator_object
 
     @property
     def device(self) -> torch.device:
@@ -280,6 +304,7 @@ class Fabric:
         for optimizer in optimizers:
             validation.check_optimizer(optimizer, self._setup_objects)
         wrapped, wrapped_optimizers = self._wrap(module, optimizers, move_to_device)
+        self._attach(module, wrapped_optimizers)
         self.call("on_after_setup", fabric=self, module=wrapped)
         outputs: list[Any] = [wrapped, *wrapped_optimizers]
         if scheduler is not None:
@@ -291,7 +316,7 @@ class Fabric:
         self._ensure_running()
         validation.check_module(module, self._setup_objects)
         wrapped, _ = self._wrap(module, (), move_to_device)
-        self.call("on_after_setup", fabric=self, module=wrapped)
+        self._attach(module, None)
         return wrapped
 
     def setup_optimizers(self, *optimizers: torch.optim.Optimizer) -> Any:
@@ -307,6 +332,20 @@ class Fabric:
             validation.check_optimizer(optimizer, self._setup_objects)
         wrapped = [self._wrap_optimizer(o) for o in optimizers]
         return wrapped[0] if len(wrapped) == 1 else tuple(wrapped)
+
+    def _attach(self, module: torch.nn.Module, optimizers: list[_FabricOptimizer] | None) -> None:
+        """Give a module with a ``_fabric`` attribute (a LightningModule) this Fabric, as Lightning does.
+
+        Its ``self.log``, ``self.logger`` and ``self.optimizers()`` then work, and its hooks are
+        called by :meth:`call` like a callback's.
+        """
+        if not hasattr(module, "_fabric"):
+            return
+        setattr(module, "_fabric", self)  # noqa: B010 (torch types module attributes as tensors)
+        if optimizers is not None:
+            setattr(module, "_fabric_optimizers", optimizers)  # noqa: B010
+        if not any(callback is module for callback in self._callbacks):
+            self._callbacks.append(module)
 
     def _wrap(
         self, module: torch.nn.Module, optimizers: tuple[torch.optim.Optimizer, ...], move_to_device: bool
@@ -324,7 +363,10 @@ class Fabric:
         wrapped_optimizers = [_FabricOptimizer(o, strategy, self._callbacks) for o in result.optimizers]
         # A module compiled before setup runs compiled, but its state dict and attributes are the original's.
         original = compiled_original(result.module) or result.module
-        return _FabricModule(result.forward_module, original, strategy), wrapped_optimizers
+        wrapped = _FabricModule(result.forward_module, original, strategy)
+        # As in Lightning: `.device` is Fabric's device, or where the parameters are when not moved.
+        _update_properties(wrapped, device=self.device if move_to_device else parameter_device(original))
+        return wrapped, wrapped_optimizers
 
     def _wrap_optimizer(self, optimizer: torch.optim.Optimizer) -> _FabricOptimizer:
         self._setup_objects.add(optimizer)
@@ -362,9 +404,11 @@ class Fabric:
             )
         sharding = self._strategy.distributed_sampler_kwargs
         if distributed and sharding is not None:
-            num_replicas, rank = sharding
             loader = data.build_distributed_dataloader(
-                loader, num_replicas=num_replicas, rank=rank, seed=seed.current_seed() or 0
+                loader,
+                num_replicas=sharding["num_replicas"],
+                rank=sharding["rank"],
+                seed=seed.current_seed() or 0,
             )
         base_seed = seed.current_seed()
         if seed.seed_workers_enabled() and base_seed is not None and loader.num_workers > 0:
@@ -391,7 +435,8 @@ class Fabric:
                 " copy. Call model, optimizer = fabric.setup(model, optimizer) before the loop and compute"
                 " the loss with the returned model."
             )
-        amp.backward(tensor, *args, **kwargs)
+        module = model._forward_module if isinstance(model, _FabricModule) else model
+        amp.run_backward(tensor, module, *args, **kwargs)
 
     def clip_gradients(
         self,
@@ -415,14 +460,14 @@ class Fabric:
         validation.require_set_up(optimizer, _FabricOptimizer, "clip_gradients")
         validation.check_clip_arguments(clip_val, max_norm)
         amp = self._strategy.amp
-        amp.unscale(optimizer.optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        amp.unscale_gradients(optimizer.optimizer)
+        params: list[torch.Tensor] = [p for p in amp.main_params(optimizer.optimizer) if p.grad is not None]
         if clip_val is not None:
             torch.nn.utils.clip_grad_value_(params, clip_val)
             return None
         assert max_norm is not None
         # With a gradient scaler, overflowing fp16 gradients are expected: the scaler skips that step.
-        strict = error_if_nonfinite and amp.scaler is None
+        strict = error_if_nonfinite and amp.grad_scaler is None
         return self._strategy.clip_grad_norm(params, max_norm, norm_type, strict)
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -450,7 +495,7 @@ class Fabric:
         """Create tensors directly on the device, in the precision's dtype."""
         stack = contextlib.ExitStack()
         stack.enter_context(self.device)
-        stack.enter_context(self._strategy.amp.init_context())
+        stack.enter_context(self._strategy.amp.tensor_init_context())
         return stack
 
     def init_module(self, empty_init: bool | None = None) -> AbstractContextManager[Any]:
@@ -461,7 +506,8 @@ class Fabric:
         """
         self._ensure_running()
         stack = contextlib.ExitStack()
-        stack.enter_context(self.init_tensor())
+        stack.enter_context(self.device)
+        stack.enter_context(self._strategy.amp.module_init_context())
         if empty_init:
             stack.enter_context(self._strategy.module_init_context(empty_init=True))
         return stack
@@ -761,11 +807,9 @@ class Fabric:
         self, path: str | os.PathLike[str], obj: Any, strict: bool = True, *, weights_only: bool = True
     ) -> None:
         """Load a plain ``state_dict`` file (``torch.save(model.state_dict())``) into ``obj``."""
-        from handloom.checkpoint.io import read_checkpoint
-
         target = obj.module if isinstance(obj, _FabricModule) else obj
         validation.check_load_raw_target(target)
-        data = read_checkpoint(path, mmap=True, weights_only=weights_only)
+        data = self._strategy._read_file(path, weights_only, mmap=True)  # through a CheckpointIO plugin
         validation.check_raw_state(path, target, data)
         if isinstance(target, torch.nn.Module) and _is_sharded(target):
             from handloom.wrappers import load_full_state_dict

@@ -1,11 +1,8 @@
 """Start one process per device with PyTorch's elastic agent (``torch.distributed.launcher``).
 
-Two ways, both through ``elastic_launch``:
-
-* :func:`launch_script` re-runs the user's command once per local rank (``strategy="ddp"``). The
-  launching process becomes the agent: it waits for the workers and exits with their status.
-* :func:`launch_function` starts ``fn(fabric, *args)`` in spawned or forked workers
-  (``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) and returns rank 0's result.
+:func:`launch_function` starts ``fn(fabric, *args)`` in spawned or forked workers
+(``"ddp_spawn"``, ``"ddp_fork"``, ``"ddp_notebook"``) and returns rank 0's result
+(``strategy="ddp"`` re-runs the script instead: :mod:`handloom.script_launcher`).
 
 If any worker fails, the agent stops the others at once and the failing rank's traceback is shown.
 """
@@ -26,7 +23,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from torch.distributed.launcher.api import LaunchConfig
@@ -80,7 +77,7 @@ def spec_from_topology(topology: Topology, num_processes: int, num_nodes: int) -
     )
 
 
-def _run_id(spec: LaunchSpec) -> str:
+def run_id(spec: LaunchSpec) -> str:
     """An id that is the same on every node of one job and differs between jobs on other ports."""
     if spec.num_nodes > 1:
         return f"handloom-{spec.main_address}-{spec.main_port}"
@@ -96,7 +93,7 @@ def _config(spec: LaunchSpec, start_method: str) -> LaunchConfig:
         nproc_per_node=spec.num_processes,
         # Every node must agree on the run id (the static rendezvous prefixes its store keys with it),
         # so it comes from what the nodes share: the main address and port.
-        run_id=_run_id(spec),
+        run_id=run_id(spec),
         rdzv_backend="static",
         rdzv_endpoint=f"{spec.main_address}:{spec.main_port}",
         rdzv_configs={"rank": spec.node_rank},
@@ -106,22 +103,10 @@ def _config(spec: LaunchSpec, start_method: str) -> LaunchConfig:
     )
 
 
-def _command() -> list[str]:
+def script_command() -> list[str]:
+    """This process's command line without the interpreter, to re-run it in workers."""
     # sys.orig_argv keeps interpreter options and `-m module` / `-c code` exactly as typed.
     return list(sys.orig_argv[1:])
-
-
-def launch_script(spec: LaunchSpec) -> NoReturn:
-    """Re-run this process's command in ``spec.num_processes`` workers, wait, and exit with their status."""
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import elastic_launch
-
-    try:
-        elastic_launch(_config(spec, "spawn"), sys.executable)(*_command())
-    except ChildFailedError as err:
-        print(str(err), file=sys.stderr)
-        raise SystemExit(1) from None
-    raise SystemExit(0)
 
 
 def launch_function(
@@ -143,7 +128,7 @@ def launch_function(
     error_dir = tempfile.mkdtemp(prefix="handloom-errors-")
     gates = _fork_gates(spec) if start_method == "fork" else None
     try:
-        with _fork_safe_garbage(start_method):
+        with _fork_safe_garbage(start_method), _environment_kept():
             results = elastic_launch(_config(spec, start_method), _worker)(
                 fabric, fn, args, kwargs, error_dir, gates
             )
@@ -152,6 +137,21 @@ def launch_function(
     finally:
         shutil.rmtree(error_dir, ignore_errors=True)
     return results[min(results)]
+
+
+@contextlib.contextmanager
+def _environment_kept() -> Iterator[None]:
+    """Undo what the elastic agent writes into this process's environment while it runs workers
+    (``TORCHELASTIC_SIGNALS_TO_HANDLE``): the caller's environment is the same after ``launch``."""
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for name in set(os.environ) - set(before):
+            del os.environ[name]
+        for name, value in before.items():
+            if os.environ.get(name) != value:
+                os.environ[name] = value
 
 
 # How long a forked worker waits for its siblings to be forked before it goes on regardless.

@@ -7,14 +7,24 @@ the user left as ``"auto"``; every explicit choice is honoured or rejected with 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from handloom import _env_names as names
-from handloom.devices import AcceleratorName, DevicesInput, HardwareProbe, parse_devices, resolve_accelerator
-from handloom.environments import ClusterEnvironment, LocalEnvironment, Topology, select_environment
-from handloom.precision import PrecisionPolicy, build_precision_policy, resolve_precision_name
+from handloom.accelerators import Accelerator
+from handloom.accelerators.choice import check_given_checkpoint_io, given_environment, resolve_hardware
+from handloom.devices import AcceleratorName, DevicesInput, HardwareProbe, parse_devices
+from handloom.environments import ClusterEnvironment, LocalEnvironment, Topology, join_job, read_topology
+from handloom.plugins.io import CheckpointIO
+from handloom.plugins.precision.precision import Precision
+from handloom.precision import (
+    PRECISION_NAMES,
+    PrecisionPolicy,
+    build_precision_policy,
+    resolve_precision_name,
+)
 from handloom.strategies.base import Strategy
 from handloom.strategies.registry import build_strategy, strategy_names
 
@@ -37,7 +47,7 @@ class FabricOptions:
     strategy: str | Strategy = "auto"
     devices: DevicesInput = "auto"
     num_nodes: int = 1
-    precision: str | int | None = None
+    precision: str | int | Precision | None = None
     plugins: Sequence[object] = field(default_factory=tuple)
 
 
@@ -57,6 +67,10 @@ class Plan:
         environment: The cluster environment that was detected or given.
         topology: What the environment says about this process.
         cli_used: True when the script runs under ``handloom run``.
+        precision_plugin: The precision plugin: the one the user passed (``precision=``,
+            ``plugins=`` or the strategy's own), else the one ``precision`` names.
+        accelerator_object: The :class:`~handloom.accelerators.Accelerator` instance in use
+            (``fabric.accelerator``).
     """
 
     accelerator: AcceleratorName
@@ -68,6 +82,8 @@ class Plan:
     environment: ClusterEnvironment
     topology: Topology
     cli_used: bool
+    precision_plugin: Precision | None = None
+    accelerator_object: Accelerator | None = None
 
     @property
     def num_processes(self) -> int:
@@ -97,9 +113,11 @@ def _merge_cli(options: FabricOptions, env: Mapping[str, str]) -> dict[str, Any]
             continue
         mine = values[option]
         flag = "--" + option.replace("_", "-")
-        if mine == _DEFAULTS[option] or _same_choice(option, mine, cli_value):
+        if mine == _DEFAULTS[option]:
             values[option] = int(cli_value) if option == "num_nodes" else cli_value
             continue
+        if _same_choice(option, mine, cli_value):
+            continue  # the script's own spelling (an Accelerator or Strategy instance) is kept
         raise ValueError(
             f"Fabric({option}={mine!r}) conflicts with `{flag}={cli_value}` given to `handloom run`."
             f" Remove the argument from Fabric(...) or change {flag} so the two agree."
@@ -110,6 +128,10 @@ def _merge_cli(options: FabricOptions, env: Mapping[str, str]) -> dict[str, Any]
 def _same_choice(option: str, mine: object, cli_value: str) -> bool:
     if isinstance(mine, Strategy):
         return cli_value == "auto"
+    if isinstance(mine, Accelerator):
+        return cli_value in ("auto", mine.name())
+    if isinstance(mine, Precision):
+        return cli_value == mine.precision
     if option == "precision":
         try:
             return resolve_precision_name(mine) == resolve_precision_name(cli_value)
@@ -122,21 +144,57 @@ def _same_choice(option: str, mine: object, cli_value: str) -> bool:
 
 def _split_plugins(
     plugins: Sequence[object] | object,
-) -> ClusterEnvironment | None:
+) -> tuple[ClusterEnvironment | None, CheckpointIO | None]:
+    """The cluster environment and the checkpoint I/O plugin in ``plugins`` (each optional).
+
+    Precision plugins are read by :func:`_precision_choice`.
+
+    Raises:
+        TypeError: A plugin of another kind.
+        ValueError: Two plugins of one kind.
+    """
     items = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins] if plugins is not None else []
-    environments = [p for p in items if isinstance(p, ClusterEnvironment)]
-    others = [p for p in items if not isinstance(p, ClusterEnvironment)]
+    others = [p for p in items if not isinstance(p, (ClusterEnvironment, CheckpointIO, Precision))]
     if others:
         raise TypeError(
             f"Fabric(plugins=[{type(others[0]).__name__}(...)]) is not a plugin handloom understands."
-            " Pass a ClusterEnvironment from handloom.environments; set precision with precision=..."
+            " Pass a ClusterEnvironment from handloom.environments; set precision with precision=... or a"
+            " Precision plugin, and checkpoint storage with a CheckpointIO (both from handloom.plugins)."
         )
-    if len(environments) > 1:
+    chosen: list[Any] = []
+    for kind, label in ((ClusterEnvironment, "cluster environments"), (CheckpointIO, "CheckpointIO plugins")):
+        found = [p for p in items if isinstance(p, kind)]
+        if len(found) > 1:
+            held = ", ".join(f"{type(p).__name__}()" for p in found)
+            raise ValueError(
+                f"Fabric(plugins=...) holds {len(found)} {label} ({held}). Fabric uses one plugin of"
+                f" each kind. Pass at most one {kind.__name__}."
+            )
+        chosen.append(found[0] if found else None)
+    return chosen[0], chosen[1]
+
+
+def _precision_choice(value: object, plugins: Sequence[object]) -> tuple[PrecisionPolicy, Precision | None]:
+    """The precision policy and the user's plugin, from ``precision=`` and ``plugins=``."""
+    chosen = [p for p in plugins if isinstance(p, Precision)]
+    if isinstance(value, Precision):
+        chosen.insert(0, value)
+    elif value is not None and chosen:
         raise ValueError(
-            f"Fabric(plugins=...) holds {len(environments)} cluster environments."
-            " Pass at most one ClusterEnvironment."
+            f"Fabric(precision={value!r}) and the precision plugin {type(chosen[0]).__name__} in"
+            " plugins=[...] both set the precision. Pass only one of them."
         )
-    return environments[0] if environments else None
+    if len(chosen) > 1:
+        kinds = ", ".join(type(p).__name__ for p in chosen)
+        raise ValueError(
+            f"Fabric(...) received {len(chosen)} precision plugins ({kinds}). Pass exactly one,"
+            " in precision= or in plugins=[...]."
+        )
+    if not chosen:
+        return build_precision_policy(resolve_precision_name(value)), None
+    plugin = chosen[0]
+    name = plugin.precision if plugin.precision in PRECISION_NAMES else "32-true"
+    return build_precision_policy(name), plugin  # type: ignore[arg-type]
 
 
 def _check_num_nodes(num_nodes: object) -> int:
@@ -168,27 +226,41 @@ def resolve_plan(options: FabricOptions, env: Mapping[str, str], probe: Hardware
     """
     values = _merge_cli(options, env)
     num_nodes = _check_num_nodes(values["num_nodes"])
-    precision = build_precision_policy(resolve_precision_name(values["precision"]))
-    accelerator_value = values["accelerator"]
-    if not isinstance(accelerator_value, str):
-        raise TypeError(
-            f"Fabric(accelerator={accelerator_value!r}) must be a string."
-            " Choose one of: 'cpu', 'cuda', 'gpu', 'mps', 'auto'."
-        )
-    accelerator = resolve_accelerator(accelerator_value, probe)
-    environment = select_environment(env, _split_plugins(options.plugins))
-    topology = environment.topology(env)
+    precision, precision_plugin = _precision_choice(values["precision"], options.plugins)
+    hardware = resolve_hardware(values["accelerator"], values["strategy"], values["devices"], probe)
+    accelerator = hardware.accelerator
+    explicit_environment, checkpoint_io = _split_plugins(options.plugins)
+    explicit_environment = given_environment(explicit_environment, values["strategy"])
+    check_given_checkpoint_io(options.plugins, values["strategy"])
+    environment, topology = read_topology(env, explicit_environment)
 
     devices_value: DevicesInput = values["devices"]
     external = topology.creates_processes_externally
     if external and devices_value == "auto":
         local = topology.local_world_size or max(1, topology.world_size // num_nodes)
         devices_value = local if accelerator != "cuda" else list(range(local))
-    device_indices = tuple(parse_devices(devices_value, accelerator, probe, interactive=probe.interactive))
+    device_indices = hardware.device_indices or tuple(
+        parse_devices(devices_value, accelerator, probe, interactive=probe.interactive)
+    )
 
     world_size = len(device_indices) * num_nodes
     strategy = _resolve_strategy(values["strategy"], accelerator, world_size, probe)
-    if external and _is_standalone(topology, values["devices"], world_size, strategy):
+    precision = _precision_for_strategy(precision, precision_plugin, strategy, accelerator)
+    if precision_plugin is not None:
+        if strategy._chosen_precision not in (None, precision_plugin):
+            raise ValueError(
+                f"Fabric(plugins=[{type(precision_plugin).__name__}(...)]) conflicts with the precision"
+                f" plugin {type(strategy._chosen_precision).__name__} of {type(strategy).__name__}(...)."
+                " Pass the precision in one place only."
+            )
+        strategy.precision = precision_plugin
+    elif strategy._chosen_precision is not None:
+        precision, _ = _precision_choice(strategy._chosen_precision, ())
+    else:  # the plugin the name stands for, known before launch as in Lightning
+        strategy._named_precision = strategy.precision_plugin_for(precision, accelerator)
+    # Devices fixed by the strategy (SingleDeviceStrategy(device=...)) are asked for as devices=... is.
+    asked = values["devices"] if hardware.device_indices is None else list(hardware.device_indices)
+    if external and _is_standalone(topology, asked, world_size, strategy):
         # A one-device Fabric made inside a running job (e.g. on rank 0 after training) stands
         # alone, as under Lightning: what a process started by hand gets, not reading the job's
         # variables (rank 0 of its own, no process group joined).
@@ -196,7 +268,9 @@ def resolve_plan(options: FabricOptions, env: Mapping[str, str], probe: Hardware
         topology = environment.topology({})
     launch = _resolve_launch(strategy, external, world_size, probe)
     if external:
-        _check_external_world(topology, len(device_indices), num_nodes, values["devices"])
+        topology = join_job(environment, topology, env, len(device_indices), num_nodes, values["devices"])
+    if checkpoint_io is not None:
+        strategy.checkpoint_io = checkpoint_io  # sharded strategies refuse it (NotImplementedError)
     strategy.plan_processes(world_size if strategy.is_distributed else 1)
     return Plan(
         accelerator=accelerator,
@@ -208,7 +282,35 @@ def resolve_plan(options: FabricOptions, env: Mapping[str, str], probe: Hardware
         environment=environment,
         topology=topology,
         cli_used=env.get(names.CLI_USED) == "1",
+        precision_plugin=strategy._chosen_precision or strategy._named_precision,
+        accelerator_object=hardware.accelerator_object,
     )
+
+
+def _precision_for_strategy(
+    precision: PrecisionPolicy, plugin: Precision | None, strategy: Strategy, accelerator: AcceleratorName
+) -> PrecisionPolicy:
+    """Apply the strategy's precision rules to a precision given by name (a plugin is used as it is)."""
+    if plugin is not None:
+        return precision
+    allowed = strategy.supported_precisions
+    if allowed is not None and precision.name not in allowed:
+        raise ValueError(
+            f"Fabric(strategy={strategy.name!r}, precision={precision.name!r}): {type(strategy).__name__}"
+            f" does not support this precision. Choose one of: {', '.join(repr(p) for p in allowed)}."
+        )
+    if precision.name == "16-mixed" and accelerator == "cpu" and strategy.fp16_mixed_falls_back_on_cpu:
+        # As in Lightning: fp16 autocast on the CPU becomes bf16 (a MixedPrecision("16-mixed", "cpu")
+        # plugin still gives fp16 with a gradient scaler).
+        warnings.warn(
+            "Fabric(accelerator='cpu', precision='16-mixed'): float16 autocast is not supported on the CPU,"
+            " so precision='bf16-mixed' is used instead. For float16 with a gradient scaler on the CPU, pass"
+            " plugins=[MixedPrecision('16-mixed', 'cpu')].",
+            UserWarning,
+            stacklevel=4,
+        )
+        return build_precision_policy("bf16-mixed")
+    return precision
 
 
 def _resolve_strategy(
@@ -224,7 +326,7 @@ def _resolve_strategy(
             else:
                 name = "ddp_fork" if probe.interactive and probe.fork_available else "ddp"
         if name not in strategy_names():
-            choices = ", ".join(repr(n) for n in strategy_names())
+            choices = ", ".join(repr(n) for n in strategy_names(runnable_only=True))
             raise ValueError(f"Fabric(strategy={value!r}) is not a known strategy. Choose one of: {choices}.")
         strategy = build_strategy(name)
     else:
@@ -262,14 +364,3 @@ def _is_standalone(topology: Topology, devices: object, world_size: int, strateg
     strategy) inside a job that a launcher started with several."""
     asked = devices != "auto"  # "auto" follows the launcher; a count that differs is an error there
     return asked and world_size == 1 and topology.world_size > 1 and not strategy.is_distributed
-
-
-def _check_external_world(topology: Topology, num_processes: int, num_nodes: int, devices: object) -> None:
-    if num_processes * num_nodes == topology.world_size:
-        return
-    raise ValueError(
-        f"Fabric(devices={devices!r}, num_nodes={num_nodes}) asks for {num_processes * num_nodes} processes,"
-        f" but the {topology.name} launcher started {topology.world_size}."
-        f" Make devices x num_nodes equal the launcher's process count ({topology.world_size}),"
-        " or leave devices='auto'."
-    )

@@ -92,7 +92,7 @@ def resolve_preemption(
         if environment.requeue_signal is not None and environment.requeue_signal not in signals:
             signals.append(environment.requeue_signal)
         if environment.auto_requeue and global_rank == 0:
-            job_id = environment.job_id(env)
+            job_id = environment.requeue_id(env)
     return PreemptionPlan(tuple(signals), job_id)
 
 

@@ -1,4 +1,10 @@
-"""Seeding: one call seeds ``random``, NumPy and torch; :class:`WorkerSeeder` seeds DataLoader workers."""
+"""Seeding: one call seeds ``random``, NumPy and torch; :class:`WorkerSeeder` seeds DataLoader workers.
+
+As in Lightning, :func:`seed_everything` exports the seed and the ``workers`` flag as
+``PL_GLOBAL_SEED`` and ``PL_SEED_WORKERS``, so processes started afterwards (``ddp_spawn`` and
+script relaunches, DataLoader workers) inherit them: :func:`reset_seed` re-applies them and
+:func:`current_seed` reads them in a process that never called :func:`seed_everything`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,6 @@ import hashlib
 import logging
 import os
 import random
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
@@ -17,23 +22,25 @@ from torch.utils.data import get_worker_info
 
 __all__ = [
     "GLOBAL_SEED_VAR",
+    "SEED_WORKERS_VAR",
     "WorkerSeeder",
     "current_seed",
+    "pl_worker_init_function",
+    "reset_seed",
     "seed_everything",
     "seed_workers_enabled",
 ]
 
-# Read (never written) when seed_everything() is called without a seed.
-GLOBAL_SEED_VAR = "HANDLOOM_GLOBAL_SEED"
+# Lightning's names: written by seed_everything(), read by it without a seed and by reset_seed().
+GLOBAL_SEED_VAR = "PL_GLOBAL_SEED"
+SEED_WORKERS_VAR = "PL_SEED_WORKERS"
 
 _MAX_SEED = 2**32 - 1
 _log = logging.getLogger("handloom")
 
-# What the last seed_everything() call chose. Module state instead of environment variables,
-# so that nothing leaks into child processes or other libraries.
+# What the last seed_everything() call in this process chose (None: never called here).
 _current_seed: int | None = None
 _seed_workers = False
-_warned_no_seed = False
 
 
 def seed_everything(
@@ -46,13 +53,15 @@ def seed_everything(
     """Seed Python's ``random``, NumPy (when installed) and torch (every device) in this process.
 
     The seed and the ``workers`` flag are remembered for :func:`current_seed` and
-    :func:`seed_workers_enabled`, which the DataLoader setup reads to seed workers and samplers.
+    :func:`seed_workers_enabled`, which the DataLoader setup reads to seed workers and samplers,
+    and exported as ``PL_GLOBAL_SEED`` and ``PL_SEED_WORKERS`` (``"1"``/``"0"``) in
+    ``os.environ`` for the processes started later, as Lightning does.
 
     Args:
         seed: A value in ``[0, 2**32 - 1]``. As in Lightning, anything ``int()`` converts is
             accepted: ``"42"`` is 42 and a float is truncated (``3.7`` is 3). ``None`` reads
-            ``HANDLOOM_GLOBAL_SEED`` from the environment, and falls back to 0 with a warning when
-            it is not set.
+            ``PL_GLOBAL_SEED`` from the environment, and falls back to 0 when it is not set (with
+            a warning on rank 0 when ``verbose``).
         workers: Record that DataLoader workers should be seeded with :class:`WorkerSeeder`.
         verbose: Log the chosen seed at INFO level on the ``"handloom"`` logger.
         rank: Opt-in per-process offset. When given, the generators are seeded with a value
@@ -68,11 +77,11 @@ def seed_everything(
         TypeError: ``seed`` is a bool or has no integer value (a list, for example), or ``rank``
             is not an integer.
         ValueError: ``seed`` is a string that is not a whole number, is NaN or infinite, or is
-            outside the uint32 range; ``rank`` is negative; or ``HANDLOOM_GLOBAL_SEED`` is not an
+            outside the uint32 range; ``rank`` is negative; or ``PL_GLOBAL_SEED`` is not an
             integer.
     """
     global _current_seed, _seed_workers
-    seed = _seed_from_environment() if seed is None else _seed_as_int(seed)
+    seed = _seed_from_environment(verbose) if seed is None else _seed_as_int(seed)
     if not 0 <= seed <= _MAX_SEED:
         raise ValueError(
             f"seed_everything(seed={seed}) is outside the range NumPy accepts. "
@@ -95,19 +104,69 @@ def seed_everything(
 
     _current_seed = seed
     _seed_workers = bool(workers)
+    os.environ[GLOBAL_SEED_VAR] = str(seed)
+    os.environ[SEED_WORKERS_VAR] = "1" if workers else "0"
     if verbose:
         _log.info("Seed set to %d%s", seed, "" if rank is None else f" (offset for rank {rank})")
     return seed
 
 
 def current_seed() -> int | None:
-    """Return the seed of the last :func:`seed_everything` call, or ``None`` if it was never called."""
-    return _current_seed
+    """Return the seed of the last :func:`seed_everything` call.
+
+    In a process that never called it, the seed a parent exported in ``PL_GLOBAL_SEED``, else
+    ``None``.
+    """
+    if _current_seed is not None:
+        return _current_seed
+    raw = os.environ.get(GLOBAL_SEED_VAR, "").strip()
+    return int(raw) if raw.isdigit() else None
 
 
 def seed_workers_enabled() -> bool:
-    """Return the ``workers`` flag of the last :func:`seed_everything` call (False if never called)."""
-    return _seed_workers
+    """Return the ``workers`` flag of the last :func:`seed_everything` call.
+
+    In a process that never called it, whether a parent exported ``PL_SEED_WORKERS=1``.
+    """
+    if _current_seed is not None:
+        return _seed_workers
+    return os.environ.get(SEED_WORKERS_VAR, "0").strip() == "1"
+
+
+def reset_seed() -> None:
+    """Seed again with what :func:`seed_everything` exported (``PL_GLOBAL_SEED``, ``PL_SEED_WORKERS``).
+
+    Does nothing when ``PL_GLOBAL_SEED`` is not set. A ``rank`` offset given to
+    :func:`seed_everything` is not re-applied.
+
+    Raises:
+        ValueError: ``PL_GLOBAL_SEED`` or ``PL_SEED_WORKERS`` is not an integer.
+    """
+    raw = os.environ.get(GLOBAL_SEED_VAR)
+    if raw is None:
+        return
+    workers = os.environ.get(SEED_WORKERS_VAR, "0")
+    try:
+        enabled = bool(int(workers))
+    except ValueError:
+        raise ValueError(
+            f"{SEED_WORKERS_VAR}={workers!r} is not an integer. Set it to 1 or 0, or call"
+            " seed_everything(seed, workers=...) instead of reset_seed()."
+        ) from None
+    seed_everything(_parse_environment_seed(raw), workers=enabled, verbose=False)
+
+
+def pl_worker_init_function(worker_id: int, rank: int | None = None) -> None:
+    """Seed a DataLoader worker's generators (Lightning's ``worker_init_fn``), with :class:`WorkerSeeder`.
+
+    Args:
+        worker_id: The worker index, as PyTorch passes it.
+        rank: The global rank; ``rank_zero_only.rank`` when ``None``.
+    """
+    from handloom.utilities.rank_zero import rank_zero_only
+
+    global_rank = rank if rank is not None else (rank_zero_only.rank or 0)
+    WorkerSeeder(rank=global_rank, base_seed=current_seed() or 0)(worker_id)
 
 
 @dataclass(frozen=True)
@@ -205,18 +264,22 @@ def _seed_as_int(seed: SupportsInt | str) -> int:
         ) from None
 
 
-def _seed_from_environment() -> int:
-    global _warned_no_seed
+def _seed_from_environment(verbose: bool) -> int:
     raw = os.environ.get(GLOBAL_SEED_VAR)
     if raw is None:
-        if not _warned_no_seed:
-            _warned_no_seed = True
-            warnings.warn(
+        if verbose:
+            from handloom.utilities.rank_zero import rank_zero_warn
+
+            rank_zero_warn(
                 f"seed_everything() was called without a seed and {GLOBAL_SEED_VAR} is not set, "
                 "so the seed is 0. Pass seed=... to choose one.",
-                stacklevel=3,
+                stacklevel=6,  # the caller of seed_everything()
             )
         return 0
+    return _parse_environment_seed(raw)
+
+
+def _parse_environment_seed(raw: str) -> int:
     try:
         return int(raw)
     except ValueError:

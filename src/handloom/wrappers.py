@@ -12,24 +12,40 @@ import torch
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from handloom.amp import AmpRunner
 from handloom.apply import move_data_to_device
+from handloom.device_dtype import _DeviceDtypeModuleMixin
 from handloom.strategies.base import Strategy
 
 if TYPE_CHECKING:
     from torch.utils.hooks import RemovableHandle
 
+    from handloom.plugins.precision import Precision
+
 # Wrapper attributes that live on the wrapper itself; everything else belongs to the wrapped object.
 _MODULE_OWN = frozenset(
-    {"_forward_module", "_original_module", "_strategy", "_amp", "_call", "_forward_call", "_forward_methods"}
+    {
+        "_forward_module",
+        "_original_module",
+        "_strategy",
+        "_amp",
+        "_call",
+        "_forward_call",
+        "_forward_methods",
+        "_device",
+        "_dtype",
+    }
 )
 # Derived from the rest in __init__ and __setstate__, so never pickled or copied.
 _MODULE_CALLS = ("_call", "_forward_call")
 _AUTO_FORWARD_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 
 
-class _FabricModule(torch.nn.Module):
+class _FabricModule(_DeviceDtypeModuleMixin):
     """The set-up model: runs the forward pass through the strategy's wrapper and the precision.
+
+    ``.device`` and ``.dtype`` are Lightning's: the device Fabric moved the model to (where its
+    parameters are, with ``move_to_device=False``) and the dtype of its parameters at set-up, both
+    following later ``.to()``, ``.cuda()``, ``.cpu()``, ``.half()``, ``.double()``, ``.float()``.
 
     ``state_dict``/``load_state_dict`` act on the original module (no ``module.`` prefix), unknown
     attributes are read from and written to the original module, and calling the wrapper costs
@@ -43,7 +59,7 @@ class _FabricModule(torch.nn.Module):
     """
 
     _strategy: Strategy
-    _amp: AmpRunner
+    _amp: Precision
     _forward_methods: set[str]
     _call: Callable[..., Any]
     _forward_call: Callable[..., Any]
@@ -57,6 +73,7 @@ class _FabricModule(torch.nn.Module):
         # runs in its precision there.
         object.__setattr__(self, "_amp", strategy.amp)
         object.__setattr__(self, "_forward_methods", set(_AUTO_FORWARD_METHODS))
+        self._dtype = _parameter_dtype(original_module)
         self._build_calls()
         for name in _AUTO_FORWARD_METHODS:
             if callable(getattr(original_module, name, None)):
@@ -286,6 +303,20 @@ class _FabricModule(torch.nn.Module):
         return f"_FabricModule({self._original_module!r})"
 
 
+def _parameter_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first floating-point parameter (torch's default dtype if none)."""
+    for parameter in module.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.get_default_dtype()
+
+
+def parameter_device(module: torch.nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (a DTensor's local device), or the CPU without any."""
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
 def load_full_state_dict(module: torch.nn.Module, state_dict: Mapping[str, Any], strict: bool) -> Any:
     """Copy each rank's part of the full tensors in ``state_dict`` into ``module``'s shards.
 
@@ -385,7 +416,11 @@ class _FabricOptimizer:
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take an optimizer step (skipped by the gradient scaler when fp16 gradients overflowed)."""
-        output = self._strategy.amp.optimizer_step(self._optimizer, closure)
+        amp = self._strategy.amp
+        if closure is None:
+            output = amp.optimizer_step(self._optimizer)
+        else:
+            output = amp.optimizer_step(self._optimizer, closure=closure)
         for hook, kwargs in self._callbacks:
             hook(**kwargs)
         return output

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
 from handloom.launcher import WorkerFailedError
+from handloom.plugins.precision import MixedPrecision
 from handloom.strategies import DDPStrategy
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -147,7 +148,9 @@ def _mixed_checks(fabric: Fabric) -> float:
 
 @pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
 def test_mixed_precision_under_ddp(precision: str) -> None:
-    scale = _fabric(precision=precision).launch(_mixed_checks)
+    # fp16 autocast on the CPU needs the plugin: the name alone becomes bf16 there, as in Lightning.
+    plugin = MixedPrecision("16-mixed", "cpu") if precision == "16-mixed" else precision
+    scale = _fabric(precision=plugin).launch(_mixed_checks)
     assert (scale > 0) == (precision == "16-mixed")
 
 

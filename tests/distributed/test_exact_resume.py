@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric
 from handloom.checkpoint import RandomState
+from handloom.plugins.precision import MixedPrecision
 from handloom.strategies import DDPStrategy, FSDPStrategy
 
 EPOCHS = 3
@@ -104,7 +105,7 @@ def test_one_process_resume_is_bit_identical(tmp_path: Path, stop_after: int) ->
 
 def test_one_process_resume_with_gradient_scaler(tmp_path: Path) -> None:
     def make(fn: Any) -> Any:
-        return fn(Fabric(accelerator="cpu", devices=1, precision="16-mixed"))
+        return fn(Fabric(accelerator="cpu", devices=1, precision=MixedPrecision("16-mixed", "cpu")))
 
     _run(make, tmp_path, 7)
 

@@ -95,6 +95,8 @@ def test_one_failing_rank_stops_the_whole_job_quickly(tmp_path: Path, launcher: 
     assert stopped_after < STOP_WITHIN_S, output[-3000:]
     if fault == "raise":
         assert "ValueError: rank 1 gives up at step 5" in output  # the failing rank's traceback
+    elif launcher == "fabric-launch":  # the caller is rank 0 and watches the other ranks itself
+        assert "Signal 9 (SIGKILL)" in output and "local rank 1" in output, output[-3000:]
     else:
         assert "Signal 9 (SIGKILL)" in output and "rank      : 1" in output, output[-3000:]
 

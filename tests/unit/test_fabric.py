@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from handloom import Fabric, is_wrapped
+from handloom.plugins.precision import MixedPrecision
 from handloom.strategies import SingleDeviceStrategy
 
 
@@ -28,7 +29,7 @@ class Net(nn.Module):
         return self.forward(x) * 2
 
 
-def make(precision: str | None = None) -> tuple[Fabric, Any, Any]:
+def make(precision: Any = None) -> tuple[Fabric, Any, Any]:
     fabric = Fabric(accelerator="cpu", devices=1, precision=precision)
     torch.manual_seed(0)
     model = Net()
@@ -110,7 +111,7 @@ def test_precisions_train_on_cpu(precision: str, param_dtype: torch.dtype, out_d
 
 
 def test_16_mixed_runs_fp16_autocast_with_a_cpu_grad_scaler() -> None:
-    fabric, model, opt = make("16-mixed")
+    fabric, model, opt = make(MixedPrecision("16-mixed", "cpu"))
     scaler = fabric.strategy.amp.scaler
     assert isinstance(scaler, torch.amp.GradScaler) and scaler.get_scale() == 65536.0
     with fabric.autocast():
@@ -122,7 +123,7 @@ def test_16_mixed_runs_fp16_autocast_with_a_cpu_grad_scaler() -> None:
 
 
 def test_clip_gradients_unscales_fp16_gradients_first() -> None:
-    fabric, model, opt = make("16-mixed")
+    fabric, model, opt = make(MixedPrecision("16-mixed", "cpu"))
     x = torch.randn(8, 4)
     fabric.backward(model(x).mean())
     scaled = model.module.layer.weight.grad.clone()

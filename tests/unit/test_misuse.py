@@ -36,6 +36,7 @@ from handloom import Fabric, cli
 from handloom.checkpoint import CheckpointFolder, RandomState
 from handloom.environments import LocalEnvironment
 from handloom.loggers import CSVLogger
+from handloom.plugins.precision import MixedPrecision
 from handloom.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from handloom.utilities import Throughput, ThroughputMonitor
 
@@ -85,7 +86,7 @@ def cpu(**kwargs: Any) -> Fabric:
     return Fabric(accelerator="cpu", **kwargs)
 
 
-def set_up(precision: str | None = None, width: int = 4) -> tuple[Fabric, Any, Any]:
+def set_up(precision: Any = None, width: int = 4) -> tuple[Fabric, Any, Any]:
     fabric = cpu(precision=precision)
     model = Net(width)
     return (fabric, *fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1)))
@@ -202,13 +203,13 @@ def load_raw_from(name: str, target: Callable[[Any], Any]) -> Callable[[Path], o
 
 
 def step_without_backward(tmp: Path) -> None:
-    _, model, optimizer = set_up("16-mixed")
+    _, model, optimizer = set_up(MixedPrecision("16-mixed", "cpu"))
     model(torch.randn(3, 4)).sum().backward()  # not fabric.backward: the loss was not scaled
     optimizer.step()
 
 
 def step_with_closure(tmp: Path) -> None:
-    fabric, model, optimizer = set_up("16-mixed")
+    fabric, model, optimizer = set_up(MixedPrecision("16-mixed", "cpu"))
     fabric.backward(model(torch.randn(3, 4)).sum())
     optimizer.step(lambda: 0.0)
 
@@ -388,9 +389,9 @@ TABLE = [
     ),
     pytest.param(
         Misuse(
-            lambda tmp: cpu(strategy="deepspeed"),
+            lambda tmp: cpu(strategy="horovod"),
             ValueError,
-            r"Fabric\(strategy='deepspeed'\) is not a known strategy",
+            r"Fabric\(strategy='horovod'\) is not a known strategy",
             r"Choose one of: 'single_device', 'ddp', .*'fsdp'",
         ),
         id="fabric-strategy-unknown",

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from handloom import Fabric
 from handloom.checkpoint import RESUME_KEY, RandomState, resume
+from handloom.plugins.precision import MixedPrecision
 
 
 def test_random_states_round_trip() -> None:
@@ -92,14 +93,14 @@ def test_load_returns_the_remainder(tmp_path: Path) -> None:
 
 
 def test_gradient_scaler_state_is_restored_when_asked(tmp_path: Path) -> None:
-    fabric = Fabric(accelerator="cpu", devices=1, precision="16-mixed")
+    fabric = Fabric(accelerator="cpu", devices=1, precision=MixedPrecision("16-mixed", "cpu"))
     scaler = fabric.strategy.amp.scaler
     assert scaler is not None
     scaler.scale(torch.ones(()))  # the scale starts lazily, at the first scaled loss
     scaler.update(1024.0)
     fabric.save(tmp_path / "c.ckpt", {"step": 1, "precision": fabric.strategy.precision})
     assert torch.load(tmp_path / "c.ckpt", weights_only=True)["precision"]["scale"] == 1024.0
-    again = Fabric(accelerator="cpu", devices=1, precision="16-mixed")
+    again = Fabric(accelerator="cpu", devices=1, precision=MixedPrecision("16-mixed", "cpu"))
     again.load(tmp_path / "c.ckpt", {"step": 0})  # not asked for: the scaler is left alone
     assert again.strategy.amp.scaler is not None and again.strategy.amp.scaler.get_scale() != 1024.0
     again.load(tmp_path / "c.ckpt", {"step": 0, "precision": again.strategy.precision})

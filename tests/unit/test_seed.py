@@ -1,4 +1,4 @@
-"""seed_everything and WorkerSeeder: reproducible draws, distinct worker streams, no env writes."""
+"""seed_everything and WorkerSeeder: reproducible draws, distinct worker streams, Lightning's env exports."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from handloom.seed import WorkerSeeder, current_seed, seed_everything, seed_work
 
 @pytest.fixture(autouse=True)
 def _restore_seed_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in ("_current_seed", "_seed_workers", "_warned_no_seed"):
+    for name in ("_current_seed", "_seed_workers"):
         monkeypatch.setattr(seed_module, name, getattr(seed_module, name))
     monkeypatch.delenv(seed_module.GLOBAL_SEED_VAR, raising=False)
+    monkeypatch.delenv(seed_module.SEED_WORKERS_VAR, raising=False)
     yield
 
 
@@ -40,13 +41,13 @@ def test_same_seed_same_draws() -> None:
     assert all(a != b for a, b in zip(first, other, strict=True))
 
 
-def test_seed_and_workers_flag_are_recorded_without_touching_the_environment() -> None:
-    before = dict(os.environ)
+def test_seed_and_workers_flag_are_recorded_and_exported_as_lightning_does() -> None:
     assert seed_everything(7, workers=True) == 7
     assert current_seed() == 7 and seed_workers_enabled() is True
+    assert (os.environ["PL_GLOBAL_SEED"], os.environ["PL_SEED_WORKERS"]) == ("7", "1")
     seed_everything(8)
     assert current_seed() == 8 and seed_workers_enabled() is False
-    assert dict(os.environ) == before
+    assert (os.environ["PL_GLOBAL_SEED"], os.environ["PL_SEED_WORKERS"]) == ("8", "0")
 
 
 def test_missing_seed_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -55,7 +56,7 @@ def test_missing_seed_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         warnings.simplefilter("error")
         assert seed_everything() == 99
     monkeypatch.setenv(seed_module.GLOBAL_SEED_VAR, "ninety")
-    with pytest.raises(ValueError, match="HANDLOOM_GLOBAL_SEED='ninety' is not an integer"):
+    with pytest.raises(ValueError, match="PL_GLOBAL_SEED='ninety' is not an integer"):
         seed_everything()
 
 

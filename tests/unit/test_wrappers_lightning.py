@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from handloom import Fabric
+from handloom.plugins.precision import MixedPrecision
 
 
 class Net(nn.Module):
@@ -127,7 +128,7 @@ def _gan(
 def test_16_mixed_steps_two_optimizers_like_lightning(shared_backward: bool) -> None:
     start = _gan(0, shared_backward=shared_backward, fabric=None)
     expected = _gan(4, shared_backward=shared_backward, fabric=None)
-    fabric = Fabric(accelerator="cpu", devices=1, precision="16-mixed")
+    fabric = Fabric(accelerator="cpu", devices=1, precision=MixedPrecision("16-mixed", "cpu"))
     result = _gan(4, shared_backward=shared_backward, fabric=fabric)
     for got, want, before in zip(result, expected, start, strict=True):
         for g, w, b in zip(got, want, before, strict=True):
@@ -136,7 +137,7 @@ def test_16_mixed_steps_two_optimizers_like_lightning(shared_backward: bool) -> 
 
 
 def test_16_mixed_refuses_a_second_step_of_one_optimizer_without_backward() -> None:
-    fabric = Fabric(accelerator="cpu", devices=1, precision="16-mixed")
+    fabric = Fabric(accelerator="cpu", devices=1, precision=MixedPrecision("16-mixed", "cpu"))
     model = Net()
     model, optimizer = fabric.setup(model, torch.optim.SGD(model.parameters(), lr=0.1))
     fabric.backward(model(torch.randn(2, 4)).sum())
@@ -273,7 +274,7 @@ def test_16_mixed_two_clipped_optimizers_are_unscaled_once_each() -> None:
         scaler.step(opt)
     scaler.update()
 
-    fabric = Fabric(accelerator="cpu", devices=1, precision="16-mixed")
+    fabric = Fabric(accelerator="cpu", devices=1, precision=MixedPrecision("16-mixed", "cpu"))
     f_first, opt_first = fabric.setup(first, torch.optim.SGD(first.parameters(), lr=0.1))
     f_second, opt_second = fabric.setup(second, torch.optim.SGD(second.parameters(), lr=0.1))
     fabric.backward(f_second(f_first(x)).sum())

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+# Writes one checkpoint file: (path, payload).
+_Writer = Callable[[Path, dict[str, Any]], None]
+
 
 class CheckpointSaveError(RuntimeError):
     """A background checkpoint write failed; the checkpoint it was writing does not exist."""
@@ -141,17 +144,21 @@ def _buffer_for(
     return buffer
 
 
-def write_file(path: Path, payload: dict[str, Any], async_save: bool) -> None:
-    """Write ``payload`` atomically at ``path``, now or (``async_save``) in the background."""
+def write_file(path: Path, payload: dict[str, Any], async_save: bool, write: _Writer | None = None) -> None:
+    """Write ``payload`` at ``path``, now or (``async_save``) in the background.
+
+    ``write`` writes it (default: atomically, :func:`handloom.checkpoint.io.write_atomic`).
+    """
     from handloom.checkpoint.io import write_atomic
 
+    write_payload = write or write_atomic
     if not async_save:
         wait()
-        write_atomic(path, payload)
+        write_payload(path, payload)
         return
     wait()  # the write in flight reads the buffers the copy goes into
     copied = host_copy(payload, reuse_buffers=True)
-    submit(str(path), lambda: write_atomic(path, copied))
+    submit(str(path), lambda: write_payload(path, copied))
 
 
 def write_shared(
@@ -159,10 +166,12 @@ def write_shared(
     build: Callable[[], dict[str, Any]] | None,
     async_save: bool,
     share: Callable[[str | None], str | None],
+    write: _Writer | None = None,
 ) -> None:
     """Write ``path`` from one rank while every rank waits until the file is committed.
 
-    The writing rank passes ``build`` (which makes the payload), the others ``None``. ``share`` is
+    The writing rank passes ``build`` (which makes the payload), the others ``None``; ``write``
+    writes it (default: atomically, :func:`handloom.checkpoint.io.write_atomic`). ``share`` is
     a collective that every rank calls once, after the write: it hands the writer's failure
     (``None`` once the file is committed) to every rank. With ``async_save`` the write and
     ``share`` run in the background on every rank, so each rank's next save or load waits for the
@@ -191,9 +200,11 @@ def write_shared(
             )
         return
 
-    def write(payload: dict[str, Any]) -> None:
+    write_payload = write or write_atomic
+
+    def write_and_share(payload: dict[str, Any]) -> None:
         try:
-            write_atomic(path, payload)
+            write_payload(path, payload)
         except BaseException as err:
             share(_failure(err))
             raise
@@ -207,9 +218,9 @@ def write_shared(
         share(_failure(err))
         raise
     if async_save:
-        submit(str(path), lambda: write(payload))
+        submit(str(path), lambda: write_and_share(payload))
     else:
-        write(payload)
+        write_and_share(payload)
 
 
 def _failure(err: BaseException) -> str:

@@ -146,9 +146,11 @@ def _find_unpicklable(value: Any, path: str) -> tuple[str, Any] | None:
 
 
 def read_checkpoint(
-    path: str | os.PathLike[str], *, weights_only: bool = True, mmap: bool = False
+    path: str | os.PathLike[str], *, weights_only: bool = True, mmap: bool = False, map_location: Any = None
 ) -> dict[str, Any]:
     """Read a checkpoint file onto the CPU (memory-mapped with ``mmap``, so memory stays bounded).
+
+    ``map_location`` (as ``torch.load`` takes it) puts the tensors elsewhere than the CPU.
 
     Raises:
         FileNotFoundError: No file at ``path``.
@@ -160,7 +162,8 @@ def read_checkpoint(
     if not target.is_file():
         raise FileNotFoundError(_missing_message(target))
     try:
-        data = torch.load(target, map_location="cpu", weights_only=weights_only, mmap=mmap)
+        location = "cpu" if map_location is None else map_location
+        data = torch.load(target, map_location=location, weights_only=weights_only, mmap=mmap)
     except pickle.UnpicklingError as err:
         if not weights_only or not _is_torch_archive(target):
             # Random or damaged bytes also fail the safe unpickler; loading them unsafely would

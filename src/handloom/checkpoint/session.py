@@ -60,7 +60,9 @@ class CheckpointSession:
         check_path(path, "save")
         check_user_state(state)
         _warn_resume_state(resume_state, "save")
-        request = SaveRequest(Path(path), state, filter, modules, resume.local_entries(state), async_save)
+        request = SaveRequest(
+            Path(path), state, filter, modules, resume.local_entries(state), async_save, given_path=path
+        )
         if async_save:
             self._install_exit_hook()
         self._strategy.save_checkpoint(request)

@@ -120,6 +120,8 @@ class SaveRequest:
         rank_entries: This rank's entries of the per-rank values in ``state`` (set-up loaders,
             ``RandomState``), by key; see :mod:`handloom.checkpoint.resume`.
         async_save: Return once the state is in host memory and write in the background.
+        given_path: The path as the user wrote it, for a CheckpointIO plugin (``"s3://..."`` does
+            not survive :class:`~pathlib.Path`); ``None``: ``path``.
     """
 
     path: Path
@@ -128,6 +130,7 @@ class SaveRequest:
     modules: list[torch.nn.Module]
     rank_entries: dict[str, Any]
     async_save: bool
+    given_path: str | os.PathLike[str] | None = None
 
     def with_ranks(self, gathered: Sequence[Mapping[str, Any]]) -> SaveRequest:
         """This request with each per-rank value replaced by every rank's entries (``gathered[rank]``)."""

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-_MAX_PORT = 65535
+MAX_PORT = 65535
+
+
+def variables(env: Mapping[str, str] | None) -> Mapping[str, str]:
+    """``env``, or this process's environment variables when it is ``None``.
+
+    Lightning's ``detect()`` takes no argument and reads ``os.environ``; handloom passes a mapping.
+    """
+    return os.environ if env is None else env
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +81,10 @@ class EnvReader:
         value = self.text(name)
         if value is None:
             return None
-        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= _MAX_PORT:
+        if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_PORT:
             raise ValueError(
                 f"{name}={value!r} is not a port number. Ports are whole numbers from 1 to "
-                f"{_MAX_PORT}. Set {name} to a free port, or unset it."
+                f"{MAX_PORT}. Set {name} to a free port, or unset it."
             )
         return int(value)
 

@@ -6,14 +6,14 @@ from collections.abc import Mapping
 
 from typing_extensions import override
 
-from handloom.environments._parse import EnvReader
-from handloom.environments.base import ClusterEnvironment, Topology
+from handloom.environments._parse import EnvReader, variables
+from handloom.environments.base import ParsedEnvironment, Topology
 
 _FIX = "Check the PyTorchJob spec: the training operator sets these variables for every replica."
 _REQUIRED_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 
 
-class KubeflowEnvironment(ClusterEnvironment):
+class KubeflowEnvironment(ParsedEnvironment):
     """One process per pod, as a Kubeflow ``PyTorchJob`` without ``nprocPerNode`` runs it.
 
     Each pod is treated as a node: ``local_rank`` is 0, ``node_rank`` is ``RANK`` and
@@ -25,16 +25,17 @@ class KubeflowEnvironment(ClusterEnvironment):
 
     @staticmethod
     @override
-    def detect(env: Mapping[str, str]) -> bool:
+    def detect(env: Mapping[str, str] | None = None) -> bool:
         """Return True in a Kubernetes pod that the PyTorchJob operator gave a rank.
 
         Args:
-            env: The environment variables.
+            env: The environment variables; ``None`` reads this process's (Lightning's ``detect()``).
 
         Returns:
             Whether ``KUBERNETES_SERVICE_HOST`` and all of ``MASTER_ADDR``, ``MASTER_PORT``,
             ``WORLD_SIZE`` and ``RANK`` are set, and torchelastic did not start the process.
         """
+        env = variables(env)
         return (
             "KUBERNETES_SERVICE_HOST" in env
             and all(name in env for name in _REQUIRED_VARS)

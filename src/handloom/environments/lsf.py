@@ -8,8 +8,8 @@ from pathlib import Path
 
 from typing_extensions import override
 
-from handloom.environments._parse import EnvReader
-from handloom.environments.base import ClusterEnvironment, Topology
+from handloom.environments._parse import EnvReader, variables
+from handloom.environments.base import ParsedEnvironment, Topology
 
 _FIX = "Start the script with jsrun inside the LSF job, and do not override the variables it sets."
 _DETECT_VARS = ("LSB_JOBID", "LSB_DJOB_RANKFILE", "JSM_NAMESPACE_LOCAL_RANK", "JSM_NAMESPACE_SIZE")
@@ -20,7 +20,7 @@ def _read_file(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
 
 
-class LSFEnvironment(ClusterEnvironment):
+class LSFEnvironment(ParsedEnvironment):
     """A process started by ``jsrun``: LSF created every process and numbered them.
 
     The hosts come from the rank file named by ``LSB_DJOB_RANKFILE``: one line per slot, the
@@ -44,16 +44,17 @@ class LSFEnvironment(ClusterEnvironment):
 
     @staticmethod
     @override
-    def detect(env: Mapping[str, str]) -> bool:
+    def detect(env: Mapping[str, str] | None = None) -> bool:
         """Return True when ``jsrun`` started this process in an LSF job.
 
         Args:
-            env: The environment variables.
+            env: The environment variables; ``None`` reads this process's (Lightning's ``detect()``).
 
         Returns:
             Whether all of ``LSB_JOBID``, ``LSB_DJOB_RANKFILE``, ``JSM_NAMESPACE_LOCAL_RANK`` and
             ``JSM_NAMESPACE_SIZE`` are set.
         """
+        env = variables(env)
         return all(name in env for name in _DETECT_VARS)
 
     @override

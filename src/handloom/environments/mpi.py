@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from typing_extensions import override
 
-from handloom.environments._parse import EnvReader
-from handloom.environments.base import ClusterEnvironment, Topology
+from handloom.environments._parse import EnvReader, variables
+from handloom.environments.base import ParsedEnvironment, Topology
 
 _FIX = "Start the script with mpirun or mpiexec, and do not override the variables it sets."
 
@@ -50,7 +50,7 @@ def _find_launcher(env: Mapping[str, str]) -> _Launcher | None:
     return next((la for la in _LAUNCHERS if la.size in env and la.local_size in env), None)
 
 
-class MPIEnvironment(ClusterEnvironment):
+class MPIEnvironment(ParsedEnvironment):
     """A rank started by an MPI launcher, read from the launcher's variables alone.
 
     Nothing here imports ``mpi4py``. The node rank is ``rank // ranks_per_node``, which holds
@@ -62,13 +62,35 @@ class MPIEnvironment(ClusterEnvironment):
 
     name = "mpi"
 
+    def __init__(self) -> None:
+        self._discovered: tuple[str, int] | None = None
+
+    @property
+    @override
+    def main_address(self) -> str:
+        """``MASTER_ADDR``, or else rank 0's host name, shared over MPI (every rank must ask)."""
+        address = self.current().main_address
+        return address if address is not None else self._discover()[0]
+
+    @property
+    @override
+    def main_port(self) -> int:
+        """``MASTER_PORT``, or else a port free on rank 0, shared over MPI (every rank must ask)."""
+        port = self.current().main_port
+        return port if port is not None else self._discover()[1]
+
+    def _discover(self) -> tuple[str, int]:
+        if self._discovered is None:
+            self._discovered = discover_main_address_with_mpi()
+        return self._discovered
+
     @staticmethod
     @override
-    def detect(env: Mapping[str, str]) -> bool:
+    def detect(env: Mapping[str, str] | None = None) -> bool:
         """Return True when an MPI launcher started more than one rank.
 
         Args:
-            env: The environment variables.
+            env: The environment variables; ``None`` reads this process's (Lightning's ``detect()``).
 
         Returns:
             Whether a launcher's world-size and local-size variables are set
@@ -76,6 +98,7 @@ class MPIEnvironment(ClusterEnvironment):
             ``MPI_LOCALNRANKS``) and the world size is above 1. A malformed size counts as
             detected, so that :meth:`topology` reports it.
         """
+        env = variables(env)
         launcher = _find_launcher(env)
         if launcher is None:
             return False

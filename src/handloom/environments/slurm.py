@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -10,8 +11,8 @@ from collections.abc import Mapping
 from typing_extensions import override
 
 from handloom.environments._hostlist import expand_hostlist
-from handloom.environments._parse import EnvReader
-from handloom.environments.base import ClusterEnvironment, Topology
+from handloom.environments._parse import EnvReader, variables
+from handloom.environments.base import ParsedEnvironment, Topology
 
 __all__ = ["SLURMEnvironment", "expand_hostlist"]
 
@@ -33,7 +34,7 @@ else:
     _DEFAULT_REQUEUE_SIGNAL = signal.SIGUSR1
 
 
-class SLURMEnvironment(ClusterEnvironment):
+class SLURMEnvironment(ParsedEnvironment):
     """A task started by ``srun``: Slurm created every process and numbered them.
 
     The main address is ``MASTER_ADDR`` when set, else the first host of the step's node list;
@@ -65,16 +66,17 @@ class SLURMEnvironment(ClusterEnvironment):
 
     @staticmethod
     @override
-    def detect(env: Mapping[str, str]) -> bool:
+    def detect(env: Mapping[str, str] | None = None) -> bool:
         """Return True when ``srun`` started this process.
 
         Args:
-            env: The environment variables.
+            env: The environment variables; ``None`` reads this process's (Lightning's ``detect()``).
 
         Returns:
             Whether ``SLURM_NTASKS`` is set, the job is not an interactive shell (job name
             ``bash`` or ``interactive``), and no ``mpirun`` started the process instead.
         """
+        env = variables(env)
         return (
             "SLURM_NTASKS" in env
             and env.get("SLURM_JOB_NAME") not in _INTERACTIVE_JOB_NAMES
@@ -125,7 +127,7 @@ class SLURMEnvironment(ClusterEnvironment):
             creates_processes_externally=True,
         )
 
-    def job_id(self, env: Mapping[str, str]) -> str:
+    def requeue_id(self, env: Mapping[str, str]) -> str:
         """The id ``scontrol requeue`` takes for this job.
 
         Args:
@@ -142,6 +144,40 @@ class SLURMEnvironment(ClusterEnvironment):
         if reader.text("SLURM_ARRAY_JOB_ID") and reader.text("SLURM_ARRAY_TASK_ID"):
             return f"{reader.integer('SLURM_ARRAY_JOB_ID')}_{reader.integer('SLURM_ARRAY_TASK_ID')}"
         return str(reader.integer("SLURM_JOB_ID"))
+
+    @staticmethod
+    def job_name() -> str | None:
+        """The job's name, ``SLURM_JOB_NAME``, or ``None`` outside Slurm."""
+        return os.environ.get("SLURM_JOB_NAME")
+
+    @staticmethod
+    def job_id() -> int | None:
+        """The job id, ``SLURM_JOB_ID``: ``None`` outside Slurm, in an interactive shell or when malformed."""
+        if SLURMEnvironment.job_name() in _INTERACTIVE_JOB_NAMES:
+            return None  # so that a shell's runs do not share one job id (Lightning's rule)
+        value = os.environ.get("SLURM_JOB_ID", "").strip()
+        return int(value) if value.isascii() and value.isdigit() else None
+
+    @staticmethod
+    def resolve_root_node_address(nodes: str) -> str:
+        """The first host of a Slurm node list, such as ``"node[04-07],gpu1"`` or ``"host0 host1"``.
+
+        Args:
+            nodes: The node list.
+
+        Returns:
+            Its first host name.
+
+        Raises:
+            ValueError: The node list is malformed or names no host.
+        """
+        hosts = expand_hostlist(nodes.replace(" ", ","))
+        if not hosts:
+            raise ValueError(
+                f"SLURMEnvironment.resolve_root_node_address({nodes!r}) got no host name. It returns the"
+                " first host of a Slurm node list. Pass one, such as 'node[01-04]'."
+            )
+        return hosts[0]
 
     @override
     def __repr__(self) -> str:

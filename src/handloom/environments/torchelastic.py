@@ -6,13 +6,13 @@ from collections.abc import Mapping
 
 from typing_extensions import override
 
-from handloom.environments._parse import EnvReader
-from handloom.environments.base import ClusterEnvironment, Topology
+from handloom.environments._parse import EnvReader, variables
+from handloom.environments.base import ParsedEnvironment, Topology
 
 _FIX = "Start the script with torchrun (or handloom run) and do not override the variables it sets."
 
 
-class TorchElasticEnvironment(ClusterEnvironment):
+class TorchElasticEnvironment(ParsedEnvironment):
     """A worker of a torchelastic agent: torchrun, ``handloom run``, or Kubeflow's elastic jobs.
 
     The agent sets every rank variable for each worker it starts (see
@@ -24,17 +24,17 @@ class TorchElasticEnvironment(ClusterEnvironment):
 
     @staticmethod
     @override
-    def detect(env: Mapping[str, str]) -> bool:
+    def detect(env: Mapping[str, str] | None = None) -> bool:
         """Return True when a torchelastic agent started this process.
 
         Args:
-            env: The environment variables.
+            env: The environment variables; ``None`` reads this process's (Lightning's ``detect()``).
 
         Returns:
             Whether ``TORCHELASTIC_RUN_ID`` is set, the same test as
             ``torch.distributed.is_torchelastic_launched``.
         """
-        return "TORCHELASTIC_RUN_ID" in env
+        return "TORCHELASTIC_RUN_ID" in variables(env)
 
     @override
     def topology(self, env: Mapping[str, str]) -> Topology:

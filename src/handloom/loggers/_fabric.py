@@ -79,12 +79,16 @@ def check_metrics(metrics: Mapping[str, Any]) -> None:
 
 def log_to_all(loggers: list[Any], metrics: Mapping[str, Any], step: int | None) -> None:
     """Send ``metrics`` to every logger: tensors as they are to handloom's (converted at their flush),
-    as Python numbers (``.item()``, one sync each) to loggers of other libraries."""
+    as Python numbers (``.item()``, one sync each) to loggers of other libraries.
+
+    Both arguments go by keyword, ``log_metrics(metrics=..., step=...)``, as Lightning passes them:
+    loggers written for it may declare them in another order or keyword-only.
+    """
     plain: Any = None
     for logger in loggers:
         if isinstance(logger, _FileLogger):
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(metrics=metrics, step=step)
             continue
         if plain is None:
             plain = apply_to_tensors(dict(metrics), lambda t: t.item())
-        logger.log_metrics(plain, step=step)
+        logger.log_metrics(metrics=plain, step=step)

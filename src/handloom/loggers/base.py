@@ -69,8 +69,16 @@ class Logger(ABC):
 
     @property
     def experiment(self) -> Any:
-        """The underlying writer object (``None`` when the logger has none)."""
-        return None
+        """The underlying writer object (``None`` when the logger has none).
+
+        Lightning's base class has no such property, so loggers written for it may assign
+        ``self.experiment = ...``; that works here too.
+        """
+        return self.__dict__.get("_handloom_experiment")
+
+    @experiment.setter
+    def experiment(self, value: Any) -> None:
+        self.__dict__["_handloom_experiment"] = value
 
     @abstractmethod
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
@@ -112,6 +120,9 @@ class _NoOpExperiment:
     def __getitem__(self, key: Any) -> _NoOpExperiment:
         return self
 
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
 
 class _FileLogger(Logger):
     """A logger writing under ``root_dir/name/version`` on global rank 0, with a tensor buffer."""
@@ -139,7 +150,9 @@ class _FileLogger(Logger):
                 f"{cls}(flush_logs_every_n_steps={flush_logs_every_n_steps}) must be at least 1"
                 " (1 writes every row at once)."
             )
-        self._base_dir = os.path.expandvars(os.path.expanduser(os.fspath(root_dir)))
+        self._root_dir = os.fspath(root_dir)
+        # Where files go; the properties report the path as written, as Lightning's do.
+        self._base_dir = os.path.expandvars(os.path.expanduser(self._root_dir))
         self._name = name or ""
         self._version = version
         self._given_version = version
@@ -165,14 +178,22 @@ class _FileLogger(Logger):
 
     @property
     def root_dir(self) -> str:
-        """``root_dir/name``: the directory holding every version of this experiment."""
-        return os.path.join(self._base_dir, self._name)
+        """The ``root_dir`` argument exactly as given (``~`` is not expanded here, as in Lightning)."""
+        return self._root_dir
 
     @property
     def log_dir(self) -> str:
-        """``root_dir/name/version_N`` (or the version string itself as the last level)."""
+        """``root_dir/name/version_N`` (or the version string itself as the last level), as given."""
+        return self._version_dir(self._root_dir)
+
+    @property
+    def _output_dir(self) -> str:
+        """The directory files are written to: :attr:`log_dir` with ``~`` and variables expanded."""
+        return self._version_dir(self._base_dir)
+
+    def _version_dir(self, base: str) -> str:
         version = self.version
-        return os.path.join(self.root_dir, version if isinstance(version, str) else f"version_{version}")
+        return os.path.join(base, self._name, version if isinstance(version, str) else f"version_{version}")
 
     @property
     def _rank(self) -> int:
@@ -183,7 +204,7 @@ class _FileLogger(Logger):
         return 0
 
     def _next_version(self) -> int:
-        parent = self.root_dir
+        parent = os.path.join(self._base_dir, self._name)
         existing = [-1]
         if os.path.isdir(parent):
             for entry in os.listdir(parent):

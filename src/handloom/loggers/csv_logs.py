@@ -35,7 +35,8 @@ class CSVLogger(_FileLogger):
       depends on the environment; JSON is also valid YAML for YAML readers). Repeated calls merge.
 
     Args:
-        root_dir: The directory for all experiments (``~`` and environment variables expanded).
+        root_dir: The directory for all experiments. Files go where ``~`` and environment
+            variables in it point; :attr:`root_dir` and :attr:`log_dir` show it as written.
         name: The experiment's directory under ``root_dir``; ``""`` or ``None`` for none.
         version: An int (directory ``version_N``), a string (the directory's name), or ``None`` for
             the next free ``version_N``. Naming a version whose ``metrics.csv`` exists continues that
@@ -65,7 +66,7 @@ class CSVLogger(_FileLogger):
         super().__init__(root_dir, name, version, prefix, flush_logs_every_n_steps)
         self._file: _CSVFile | None = None
 
-    @property
+    @property  # type: ignore[misc]  # read-only here; the base lets Lightning-style loggers assign it
     @override
     def experiment(self) -> Any:
         """The metrics file writer on rank 0 (``metrics_file_path``, ``log_metrics``, ``save``); a no-op
@@ -73,7 +74,7 @@ class CSVLogger(_FileLogger):
         if self._rank != 0:
             return _NoOpExperiment()
         if self._file is None:
-            self._file = _CSVFile(self.log_dir, explicit_version=self._given_version is not None)
+            self._file = _CSVFile(self._output_dir, explicit_version=self._given_version is not None)
         return self._file
 
     @override
@@ -90,8 +91,8 @@ class CSVLogger(_FileLogger):
         if self._rank != 0:
             return
         values = _params_as_dict("CSVLogger", params)
-        path = os.path.join(self.log_dir, HPARAMS_FILE)
-        os.makedirs(self.log_dir, exist_ok=True)
+        path = os.path.join(self._output_dir, HPARAMS_FILE)
+        os.makedirs(self._output_dir, exist_ok=True)
         merged: dict[str, Any] = {}
         if os.path.exists(path):
             with open(path, encoding="utf-8") as handle:

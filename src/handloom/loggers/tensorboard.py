@@ -45,7 +45,8 @@ class TensorBoardLogger(_FileLogger):
     flush. Nested metric mappings become ``outer/inner`` scalar tags.
 
     Args:
-        root_dir: The directory for all experiments (``~`` and environment variables expanded).
+        root_dir: The directory for all experiments (``~`` and environment variables are expanded
+            in :attr:`log_dir` and where files go; :attr:`root_dir` shows it as written).
         name: The experiment's directory under ``root_dir``; ``""`` or ``None`` for none.
         version: An int (directory ``version_N``), a string (the directory's name), or ``None`` for
             the next free ``version_N``.
@@ -92,8 +93,16 @@ class TensorBoardLogger(_FileLogger):
     @property
     @override
     def log_dir(self) -> str:
-        """``root_dir/name/version_N``, plus ``sub_dir`` if given: where the event files go."""
-        log_dir = super().log_dir
+        """``root_dir/name/version_N``, plus ``sub_dir`` if given: where the event files go.
+
+        ``~`` and environment variables are expanded, as in Lightning's ``TensorBoardLogger``.
+        """
+        return self._output_dir
+
+    @property
+    @override
+    def _output_dir(self) -> str:
+        log_dir = super()._output_dir
         if self._sub_dir is not None:
             log_dir = os.path.join(log_dir, os.path.expandvars(os.path.expanduser(self._sub_dir)))
         return log_dir
@@ -103,7 +112,7 @@ class TensorBoardLogger(_FileLogger):
         """The extra directory level under the version directory, if any."""
         return self._sub_dir
 
-    @property
+    @property  # type: ignore[misc]  # read-only here; the base lets Lightning-style loggers assign it
     @override
     def experiment(self) -> Any:
         """The ``SummaryWriter`` on rank 0 (created on first use); a no-op object on other ranks."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,13 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from handloom.amp import AmpRunner
 from handloom.environments import Topology
 from handloom.precision import PrecisionPolicy
 
 if TYPE_CHECKING:
+    from handloom.accelerators import Accelerator
     from handloom.checkpoint.state import SaveRequest
     from handloom.devices import AcceleratorName, HardwareProbe
+    from handloom.plugins.io import CheckpointIO
+    from handloom.plugins.precision import Precision
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class Runtime:
         topology: Ranks and world size of this process.
         num_nodes: Nodes in the job.
         precision: The precision policy.
+        accelerator_object: The :class:`~handloom.accelerators.Accelerator` in use
+            (``fabric.accelerator``).
     """
 
     accelerator: AcceleratorName
@@ -53,6 +57,7 @@ class Runtime:
     topology: Topology
     num_nodes: int
     precision: PrecisionPolicy
+    accelerator_object: Accelerator | None = None
 
 
 class Strategy:
@@ -60,6 +65,12 @@ class Strategy:
 
     Subclasses take their own options in ``__init__``; runtime facts arrive once through
     :meth:`bind`.
+
+    Args:
+        accelerator: An :class:`~handloom.accelerators.Accelerator` to use (Lightning's argument);
+            ``Fabric(accelerator=...)`` must then be left at ``"auto"``.
+        checkpoint_io: A ``CheckpointIO`` plugin for single-file checkpoints (Lightning's argument).
+        precision: A precision plugin (Lightning's argument), like ``Fabric(plugins=[plugin])``.
     """
 
     name: str = "strategy"
@@ -70,13 +81,33 @@ class Strategy:
     #: True when the forward pass runs inside a wrapper (DDP, FSDP) that other model methods
     #: would bypass: such methods must be marked with ``mark_forward_method``.
     wraps_forward: bool = False
+    #: The precision names the strategy accepts (``None``: all).
+    supported_precisions: tuple[str, ...] | None = None
+    #: True when ``precision="16-mixed"`` on the CPU becomes ``"bf16-mixed"`` (Lightning's rule,
+    #: except under FSDP).
+    fp16_mixed_falls_back_on_cpu: bool = True
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        accelerator: Accelerator | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+    ) -> None:
         #: True when set-up moves the model to the device itself (Fabric then does not move it first).
         self.places_module_on_setup = False
         self._runtime: Runtime | None = None
-        self._amp: AmpRunner | None = None
+        self._amp: Precision | None = None
+        #: A precision plugin the user chose (``Fabric(plugins=[...])`` or ``strategy.precision = ...``).
+        self._chosen_precision: Precision | None = None
+        #: The plugin ``Fabric(precision=<name>)`` stands for, set by the option resolver.
+        self._named_precision: Precision | None = None
         self._planned_world_size = 1
+        #: The CheckpointIO plugin the user chose; ``None``: handloom's own files (TorchCheckpointIO).
+        self._checkpoint_io: CheckpointIO | None = checkpoint_io
+        # Lightning's constructor arguments: the option resolver honours them or reports a conflict.
+        self._accelerator = _check_accelerator(accelerator, type(self).__name__)
+        if precision is not None:
+            self.precision = precision
 
     def check_compatible(
         self, *, accelerator: AcceleratorName, world_size: int, probe: HardwareProbe
@@ -105,11 +136,19 @@ class Strategy:
                 " Create a new strategy instance for each Fabric."
             )
         self._runtime = runtime
-        self._amp = self._make_amp(runtime)
+        named = self._named_precision
+        if named is not None and named.precision != runtime.precision.name:
+            named = None  # planned for another precision (a strategy instance made for a test)
+        self._amp = self._chosen_precision or named or self._make_amp(runtime)
 
-    def _make_amp(self, runtime: Runtime) -> AmpRunner:
-        """The precision runner for this strategy (autocast and a gradient scaler by default)."""
-        return AmpRunner(runtime.precision, runtime.device.type)
+    def _make_amp(self, runtime: Runtime) -> Precision:
+        return self.precision_plugin_for(runtime.precision, runtime.device.type)
+
+    def precision_plugin_for(self, policy: PrecisionPolicy, device_type: str) -> Precision:
+        """The precision plugin ``Fabric(precision=<name>)`` stands for under this strategy."""
+        from handloom.plugins.precision.select import plugin_for
+
+        return plugin_for(policy, device_type)
 
     @property
     def runtime(self) -> Runtime:
@@ -131,28 +170,64 @@ class Strategy:
         return self._runtime is not None
 
     @property
-    def amp(self) -> AmpRunner:
-        """The precision realisation (autocast, casting, gradient scaler)."""
+    def amp(self) -> Precision:
+        """The precision plugin in use (autocast, casting, gradient scaler), once running."""
         if self._amp is None:
             _ = self.runtime  # raises the "not running yet" error: bind() sets both together
             raise AssertionError("bind() sets the runtime and the precision together")
         return self._amp
 
     @property
-    def precision(self) -> AmpRunner:
-        """The precision runner, as Lightning's ``fabric.strategy.precision``.
+    def precision(self) -> Precision:
+        """The precision plugin, as Lightning's ``fabric.strategy.precision``.
 
         Put it in ``fabric.save``'s state to checkpoint the gradient scaler of ``"16-mixed"``
         (``state_dict()`` is ``{}`` without a scaler)::
 
             state = {"model": model, "optimizer": optimizer, "precision": fabric.strategy.precision}
+
+        Before the strategy runs it is the plugin chosen for it, or full precision.
         """
-        return self.amp
+        if self._amp is not None:
+            return self._amp
+        if self._chosen_precision is not None:
+            return self._chosen_precision
+        if self._named_precision is not None:
+            return self._named_precision
+        from handloom.plugins.precision import Precision
+
+        return Precision()
+
+    @precision.setter
+    def precision(self, plugin: Precision | None) -> None:
+        if self._runtime is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.precision was set after the strategy started running."
+                " Pass the plugin before fabric.launch()/setup, e.g. Fabric(plugins=[plugin])."
+            )
+        self._chosen_precision = plugin
 
     @property
     def root_device(self) -> torch.device:
         """This process's device."""
         return self.runtime.device
+
+    @property
+    def accelerator(self) -> Accelerator | None:
+        """The accelerator: the one given to the constructor, else the one Fabric chose (``None``
+        for a strategy no Fabric uses yet)."""
+        if self._accelerator is not None:
+            return self._accelerator
+        return self._runtime.accelerator_object if self._runtime is not None else None
+
+    @accelerator.setter
+    def accelerator(self, accelerator: Accelerator) -> None:
+        if self._runtime is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.accelerator was set after the strategy started running."
+                f" Pass it before: {type(self).__name__}(accelerator=...) or Fabric(accelerator=...)."
+            )
+        self._accelerator = _check_accelerator(accelerator, type(self).__name__)
 
     @property
     def global_rank(self) -> int:
@@ -181,7 +256,11 @@ class Strategy:
 
     # --- set-up -------------------------------------------------------------------------------
     def setup_environment(self) -> None:
-        """Create what the strategy needs to communicate (nothing for a single process)."""
+        """Prepare this process's device through the accelerator (CUDA: make it the current device);
+        multi-process strategies then create what they need to communicate."""
+        accelerator = self.accelerator
+        if accelerator is not None:
+            accelerator.setup_device(self.root_device)
 
     def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
         """Return the module that runs the forward pass (a DDP wrapper, or the module itself)."""
@@ -211,9 +290,16 @@ class Strategy:
         """Move ``module``'s parameters and buffers to this process's device."""
         module.to(self.root_device)
 
+    def batch_to_device(self, batch: Any, device: torch.device | None = None) -> Any:
+        """Return ``batch`` with every tensor in it moved to ``device`` (default: this process's)."""
+        from handloom.apply import move_data_to_device
+
+        return move_data_to_device(batch, device or self.root_device)
+
     @property
-    def distributed_sampler_kwargs(self) -> tuple[int, int] | None:
-        """``(num_replicas, rank)`` for data sharding, or ``None`` when every process sees all data."""
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        """``{"num_replicas": ..., "rank": ...}`` for a ``DistributedSampler``, or ``None`` when every
+        process sees all data."""
         return None
 
     def no_backward_sync(self, module: torch.nn.Module, enabled: bool) -> AbstractContextManager[Any]:
@@ -239,6 +325,39 @@ class Strategy:
         return total
 
     # --- checkpoints ----------------------------------------------------------------------------
+    @property
+    def checkpoint_io(self) -> CheckpointIO:
+        """The plugin that writes and reads the strategy's checkpoint files (default: TorchCheckpointIO)."""
+        if self._checkpoint_io is None:
+            from handloom.plugins.io import TorchCheckpointIO
+
+            self._checkpoint_io = TorchCheckpointIO()
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
+
+    def _file_writer(self, request: SaveRequest) -> Callable[[Path, dict[str, Any]], None]:
+        """Writes ``request``'s file through the CheckpointIO plugin (handloom's atomic write by default).
+
+        The plugin gets the path as the user wrote it, as in Lightning.
+        """
+        target = request.path if request.given_path is None else request.given_path
+        return lambda _path, payload: self.checkpoint_io.save_checkpoint(payload, target)
+
+    def _read_file(
+        self, path: str | os.PathLike[str], weights_only: bool, mmap: bool = False
+    ) -> dict[str, Any]:
+        """Read one checkpoint file through the CheckpointIO plugin (by default: mapped with ``mmap``)."""
+        from handloom.plugins.io import TorchCheckpointIO
+
+        if self._checkpoint_io is None or type(self._checkpoint_io) is TorchCheckpointIO:
+            from handloom.checkpoint.io import read_checkpoint
+
+            return read_checkpoint(path, weights_only=weights_only, mmap=mmap)
+        return self._checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+
     def describe(self) -> dict[str, Any]:
         """What a sharded checkpoint's marker records: versions, world size, strategy, precision, time."""
         from handloom.checkpoint import resume
@@ -254,7 +373,7 @@ class Strategy:
         state.check_filter(request.state, request.filter)
         request = request.with_ranks([request.rank_entries])
         payload = state.collect_state(request.state, request.filter)
-        background.write_file(request.path, payload, request.async_save)
+        background.write_file(request.path, payload, request.async_save, self._file_writer(request))
 
     def load_checkpoint(
         self,
@@ -276,7 +395,7 @@ class Strategy:
             return sharded.load_sharded(
                 readable, state, strict, candidates=modules, weights_only=weights_only
             )
-        data = checkpoint.read_checkpoint(path, weights_only=weights_only)
+        data = self._read_file(path, weights_only)
         if state is None:
             return data
         return checkpoint.restore_state(state, data, strict)
@@ -313,3 +432,21 @@ class Strategy:
         state["_runtime"] = None
         state["_amp"] = None
         return state
+
+
+def _check_accelerator(accelerator: object, owner: str) -> Accelerator | None:
+    """``accelerator`` if it is ``None`` or an Accelerator instance.
+
+    Raises:
+        TypeError: Anything else (a name belongs in ``Fabric(accelerator=...)``).
+    """
+    if accelerator is None:
+        return None
+    from handloom.accelerators import Accelerator
+
+    if not isinstance(accelerator, Accelerator):
+        raise TypeError(
+            f"{owner}(accelerator={accelerator!r}) must be an Accelerator instance such as CPUAccelerator()."
+            " To choose one by name, pass it to Fabric(accelerator=...) instead."
+        )
+    return accelerator

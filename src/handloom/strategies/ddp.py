@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from typing_extensions import override
 
 from handloom.strategies.base import Strategy
 from handloom.strategies.parallel import DEFAULT_SAVE_TIMEOUT, DEFAULT_TIMEOUT, ParallelStrategy
+
+if TYPE_CHECKING:
+    from handloom.accelerators import Accelerator
+    from handloom.environments import ClusterEnvironment
+    from handloom.plugins.io import CheckpointIO
+    from handloom.plugins.precision import Precision
 
 __all__ = ["DEFAULT_TIMEOUT", "DDPStrategy"]
 
@@ -19,6 +25,12 @@ class DDPStrategy(ParallelStrategy):
     """One process per device; gradients are averaged by ``DistributedDataParallel``.
 
     Args:
+        accelerator: An :class:`~handloom.accelerators.Accelerator` (Lightning's argument).
+        parallel_devices: The devices of this node's processes (Lightning's argument); they fix the
+            accelerator and the process count.
+        cluster_environment: The cluster environment to use instead of auto-detection.
+        checkpoint_io: A ``CheckpointIO`` plugin (Lightning's argument).
+        precision: A precision plugin (Lightning's argument).
         process_group_backend: ``"gloo"``, ``"nccl"``, ... Defaults to NCCL on CUDA, gloo otherwise.
         timeout: How long a collective may wait for the other ranks (default 10 minutes).
         start_method: ``"popen"`` re-runs the script per process (``strategy="ddp"``);
@@ -41,6 +53,11 @@ class DDPStrategy(ParallelStrategy):
 
     def __init__(
         self,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
@@ -48,7 +65,18 @@ class DDPStrategy(ParallelStrategy):
         save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
         **ddp_kwargs: Any,
     ) -> None:
-        super().__init__(process_group_backend, timeout, start_method, check_collectives, save_timeout)
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            check_collectives=check_collectives,
+            save_timeout=save_timeout,
+        )
         _check_ddp_kwargs(ddp_kwargs)
         self.ddp_kwargs = ddp_kwargs
 

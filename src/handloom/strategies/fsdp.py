@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from typing_extensions import override
 
-from handloom.amp import AmpRunner
 from handloom.sharding import layout as layouts
 from handloom.sharding.policy import resolve_module_policy
 from handloom.strategies.base import Runtime
@@ -21,7 +20,11 @@ from handloom.strategies.sharded import ShardedStrategy
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from handloom.accelerators import Accelerator
     from handloom.devices import AcceleratorName, HardwareProbe
+    from handloom.environments import ClusterEnvironment
+    from handloom.plugins.precision import Precision
+    from handloom.precision import PrecisionPolicy
 
 # Options fully_shard takes that FSDPStrategy sets itself from its own arguments.
 _MANAGED = frozenset({"module", "mesh", "mp_policy", "offload_policy"})
@@ -39,10 +42,16 @@ class FSDPStrategy(ShardedStrategy):
     Runs on CUDA (NCCL) and on the CPU (gloo). The options follow Lightning's ``FSDPStrategy``.
 
     Args:
+        accelerator: An :class:`~handloom.accelerators.Accelerator` (Lightning's argument).
+        parallel_devices: The devices of this node's processes (Lightning's argument).
+        cluster_environment: The cluster environment to use instead of auto-detection.
+        precision: A precision plugin (Lightning's argument).
         auto_wrap_policy: Which submodules become their own FSDP unit (gathered and freed on
             their own): a set of module classes such as ``{nn.TransformerDecoderLayer}``, or a
             callable ``module -> bool`` (FSDP1 policies such as ``ModuleWrapPolicy`` work too).
             The root module is always sharded last.
+        activation_checkpointing: Deprecated (as in Lightning): a module class or a list of them;
+            use ``activation_checkpointing_policy``.
         activation_checkpointing_policy: Submodules whose activations are recomputed in backward
             (same forms).
         cpu_offload: Keep sharded parameters, gradients and optimizer state in CPU memory
@@ -79,18 +88,25 @@ class FSDPStrategy(ShardedStrategy):
 
     name = "fsdp"
     wraps_forward = True
+    supported_precisions = ("32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed")
+    fp16_mixed_falls_back_on_cpu = False
 
     def __init__(
         self,
-        auto_wrap_policy: Any = None,
-        activation_checkpointing_policy: Any = None,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = DEFAULT_TIMEOUT,
         cpu_offload: bool | Any = False,
         mixed_precision: Any = None,
+        auto_wrap_policy: Any = None,
+        activation_checkpointing: type[torch.nn.Module] | list[type[torch.nn.Module]] | None = None,
+        activation_checkpointing_policy: Any = None,
         sharding_strategy: Any = "FULL_SHARD",
         state_dict_type: str = "sharded",
         device_mesh: tuple[int, int] | DeviceMesh | None = None,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
         check_collectives: bool = False,
@@ -103,8 +119,16 @@ class FSDPStrategy(ShardedStrategy):
             start_method,
             save_timeout,
             check_collectives,
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            precision=precision,
         )
         owner = type(self).__name__
+        if activation_checkpointing is not None:
+            activation_checkpointing_policy = _legacy_checkpointing_policy(
+                activation_checkpointing, activation_checkpointing_policy
+            )
         self.auto_wrap_policy = resolve_module_policy(
             auto_wrap_policy, owner=owner, option="auto_wrap_policy"
         )
@@ -145,10 +169,19 @@ class FSDPStrategy(ShardedStrategy):
             layouts.resolve_layout(self.sharding_strategy, self._mesh_shape, world_size, 1)
 
     @override
-    def _make_amp(self, runtime: Runtime) -> AmpRunner:
-        from handloom.sharding.precision import ShardedAmpRunner
+    def precision_plugin_for(self, policy: PrecisionPolicy, device_type: str) -> Precision:
+        from handloom.plugins.precision import FSDPPrecision
 
-        return ShardedAmpRunner(runtime.precision, runtime.device.type)
+        plugin = FSDPPrecision(policy.name)
+        plugin._bind_device(device_type)
+        return plugin
+
+    @override
+    def bind(self, runtime: Runtime) -> None:
+        super().bind(runtime)
+        bind_device = getattr(self.amp, "_bind_device", None)
+        if callable(bind_device):  # a user's FSDPPrecision learns its device here
+            bind_device(runtime.device.type)
 
     @property
     def layout(self) -> layouts.ShardingLayout:
@@ -177,10 +210,12 @@ class FSDPStrategy(ShardedStrategy):
 
         from handloom.sharding.precision import mixed_precision_policy
 
+        chosen = getattr(self.amp, "mixed_precision_config", None)
+        policy = chosen if chosen is not None else mixed_precision_policy(self.runtime.precision)
         kwargs: dict[str, Any] = {
             "mesh": self.device_mesh,
             "reshard_after_forward": self.layout.reshard_after_forward,
-            "mp_policy": self.mixed_precision or mixed_precision_policy(self.runtime.precision),
+            "mp_policy": self.mixed_precision or policy,
         }
         if isinstance(self.cpu_offload, OffloadPolicy):
             kwargs["offload_policy"] = self.cpu_offload
@@ -210,6 +245,30 @@ class FSDPStrategy(ShardedStrategy):
         shard_model(module, self.auto_wrap_policy, kwargs)
         assert isinstance(module, FSDPModule)
         return module
+
+
+def _legacy_checkpointing_policy(
+    classes: type[torch.nn.Module] | list[type[torch.nn.Module]], policy: object
+) -> set[type[torch.nn.Module]]:
+    """Lightning's deprecated ``activation_checkpointing`` (a class or a list of them) as a policy set.
+
+    Raises:
+        ValueError: ``activation_checkpointing_policy`` was given too.
+    """
+    listed = set(classes) if isinstance(classes, (list, tuple, set)) else {classes}
+    if policy is not None:
+        raise ValueError(
+            "FSDPStrategy(activation_checkpointing=..., activation_checkpointing_policy=...) sets the same"
+            " thing twice. Pass only activation_checkpointing_policy."
+        )
+    names = ", ".join(sorted(c.__name__ for c in listed))
+    warnings.warn(
+        f"FSDPStrategy(activation_checkpointing=...) is deprecated, as in Lightning."
+        f" Pass activation_checkpointing_policy={{{names}}} instead.",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return listed
 
 
 def _is_device_mesh(value: object) -> bool:

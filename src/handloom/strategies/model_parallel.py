@@ -86,6 +86,8 @@ class ModelParallelStrategy(ShardedStrategy):
     """
 
     name = "model_parallel"
+    # Lightning's set: fp16 autocast needs a gradient scaler, which tensor-parallel DTensors lack.
+    supported_precisions = ("32-true", "bf16-mixed", "bf16-true", "16-true")
 
     def __init__(
         self,
@@ -150,9 +152,9 @@ class ModelParallelStrategy(ShardedStrategy):
 
     @property
     @override
-    def distributed_sampler_kwargs(self) -> tuple[int, int] | None:
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
         dp, tp = self.mesh_sizes
-        return dp, self.global_rank // tp
+        return {"num_replicas": dp, "rank": self.global_rank // tp}
 
     @override
     def _shard(self, module: torch.nn.Module, compiler: Callable[..., Any] | None) -> torch.nn.Module:

@@ -13,8 +13,12 @@ from typing_extensions import override
 from handloom.strategies.base import Strategy
 
 if TYPE_CHECKING:
+    from handloom.accelerators import Accelerator
     from handloom.checkpoint.state import SaveRequest
     from handloom.devices import AcceleratorName, HardwareProbe
+    from handloom.environments import ClusterEnvironment
+    from handloom.plugins.io import CheckpointIO
+    from handloom.plugins.precision import Precision
 
 START_METHODS = ("popen", "spawn", "fork", "forkserver")
 # torch's own default for NCCL. A dead rank ends the job within seconds whatever this is (the
@@ -29,6 +33,14 @@ class ParallelStrategy(Strategy):
     """One process per device, joined in a ``torch.distributed`` process group.
 
     Args:
+        accelerator: An :class:`~handloom.accelerators.Accelerator` (Lightning's argument).
+        parallel_devices: The devices of this node's processes, e.g. ``[torch.device("cpu")] * 2``
+            (Lightning's argument): it fixes the accelerator and the process count, so
+            ``Fabric(devices=...)`` may be left at ``"auto"``.
+        cluster_environment: The cluster environment to use instead of auto-detection, like
+            ``Fabric(plugins=[environment])``.
+        checkpoint_io: A ``CheckpointIO`` plugin (Lightning's argument).
+        precision: A precision plugin (Lightning's argument).
         process_group_backend: ``"gloo"``, ``"nccl"``, ... Defaults to NCCL on CUDA, gloo otherwise.
         timeout: How long a collective may wait for the other ranks (default 10 minutes).
         start_method: ``"popen"`` re-runs the script per process; ``"spawn"``, ``"fork"`` and
@@ -43,14 +55,21 @@ class ParallelStrategy(Strategy):
 
     def __init__(
         self,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = DEFAULT_TIMEOUT,
         start_method: str = "popen",
         check_collectives: bool = False,
         save_timeout: timedelta = DEFAULT_SAVE_TIMEOUT,
     ) -> None:
-        super().__init__()
+        super().__init__(accelerator=accelerator, checkpoint_io=checkpoint_io, precision=precision)
         owner = type(self).__name__
+        self.parallel_devices = parallel_devices
+        self.cluster_environment = cluster_environment
         if start_method not in START_METHODS:
             choices = ", ".join(repr(m) for m in START_METHODS)
             raise ValueError(
@@ -97,6 +116,43 @@ class ParallelStrategy(Strategy):
             )
 
     @property
+    def parallel_devices(self) -> list[torch.device] | None:
+        """The devices of this node's processes as given to the constructor (``None`` when not
+        given: Fabric's ``devices`` argument chose them)."""
+        return self._parallel_devices
+
+    @parallel_devices.setter
+    def parallel_devices(self, devices: list[torch.device] | None) -> None:
+        if getattr(self, "_runtime", None) is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.parallel_devices was set after the strategy started running."
+                f" Pass them to {type(self).__name__}(parallel_devices=...) instead."
+            )
+        self._parallel_devices = _check_parallel_devices(devices, type(self).__name__)
+
+    @property
+    def num_processes(self) -> int:
+        """Processes on this node (0 when neither given nor planned yet)."""
+        if self._parallel_devices is not None:
+            return len(self._parallel_devices)
+        if self._runtime is not None:
+            return self.world_size // self._runtime.num_nodes
+        return 0
+
+    @property
+    def num_nodes(self) -> int:
+        """Nodes in the job (1 until the strategy runs)."""
+        return self._runtime.num_nodes if self._runtime is not None else 1
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        """This process's device; before launch, the first of ``parallel_devices`` if they were given."""
+        if self._runtime is None and self._parallel_devices:
+            return self._parallel_devices[self.local_rank]
+        return super().root_device
+
+    @property
     def backend(self) -> str:
         """The process group backend in use."""
         if self.process_group_backend is not None:
@@ -105,8 +161,9 @@ class ParallelStrategy(Strategy):
 
     @override
     def setup_environment(self) -> None:
+        super().setup_environment()  # the accelerator prepares the device (CUDA: the current device)
         if self.root_device.type == "cuda":
-            torch.cuda.set_device(self.root_device)
+            torch.cuda.set_device(self.root_device)  # also under a custom accelerator that does not
         from handloom import distributed
 
         if self.check_collectives:
@@ -122,8 +179,8 @@ class ParallelStrategy(Strategy):
 
     @property
     @override
-    def distributed_sampler_kwargs(self) -> tuple[int, int] | None:
-        return self.world_size, self.global_rank
+    def distributed_sampler_kwargs(self) -> dict[str, int] | None:
+        return {"num_replicas": self.world_size, "rank": self.global_rank}
 
     def _naming_failures(self, what: str) -> AbstractContextManager[None]:
         from handloom import distributed
@@ -204,7 +261,9 @@ class ParallelStrategy(Strategy):
             return user_state.collect_state(request.state, request.filter)
 
         writer = build if self.global_rank == 0 else None
-        background.write_shared(request.path, writer, request.async_save, self._from_rank_zero)
+        background.write_shared(
+            request.path, writer, request.async_save, self._from_rank_zero, self._file_writer(request)
+        )
 
     def _agree_on_save(self, request: SaveRequest) -> SaveRequest:
         """Wait until every rank calls ``fabric.save``, check they name one path, gather per-rank entries.
@@ -271,3 +330,32 @@ class ParallelStrategy(Strategy):
         from handloom import distributed
 
         distributed.destroy_process_group()
+
+
+def _check_parallel_devices(devices: object, owner: str) -> list[torch.device] | None:
+    """``devices`` as a list of ``torch.device`` (strings are converted), or ``None``.
+
+    Raises:
+        TypeError: Not a list of devices.
+        ValueError: An empty list, or devices of more than one type.
+    """
+    if devices is None:
+        return None
+    if not isinstance(devices, (list, tuple)) or not all(isinstance(d, (str, torch.device)) for d in devices):
+        raise TypeError(
+            f"{owner}(parallel_devices={devices!r}) must be a list of torch.device objects,"
+            " for example [torch.device('cuda', 0), torch.device('cuda', 1)]."
+        )
+    result = [torch.device(d) for d in devices]
+    if not result:
+        raise ValueError(
+            f"{owner}(parallel_devices=[]) lists no device. List one device per process on this node,"
+            " or leave it out and pass Fabric(devices=...)."
+        )
+    kinds = sorted({d.type for d in result})
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{owner}(parallel_devices=...) mixes device types ({', '.join(kinds)})."
+            " List devices of one type only."
+        )
+    return result

@@ -19,6 +19,7 @@ from handloom.strategies.parallel import ParallelStrategy
 
 if TYPE_CHECKING:
     from handloom.checkpoint.state import SaveRequest
+    from handloom.plugins.io import CheckpointIO
 
 
 def _unwrap_compiled(module: torch.nn.Module) -> tuple[torch.nn.Module, Callable[..., Any] | None]:
@@ -67,8 +68,17 @@ class ShardedStrategy(ParallelStrategy):
         start_method: str,
         save_timeout: timedelta,
         check_collectives: bool,
+        **lightning_args: Any,
     ) -> None:
-        super().__init__(process_group_backend, timeout, start_method, check_collectives, save_timeout)
+        # lightning_args: Lightning's accelerator, parallel_devices, cluster_environment, precision.
+        super().__init__(
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            check_collectives=check_collectives,
+            save_timeout=save_timeout,
+            **lightning_args,
+        )
         self.state_dict_type = state_dict_type
         # Sharding places parameters itself (fully_shard moves each unit as it shards it).
         self.places_module_on_setup = True
@@ -181,6 +191,30 @@ class ShardedStrategy(ParallelStrategy):
         return clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite)
 
     # --- checkpoints ----------------------------------------------------------------------------
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        """Not available: sharded strategies write their checkpoints themselves, as in Lightning.
+
+        Raises:
+            NotImplementedError: Always.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}.checkpoint_io does not exist: {type(self).__name__} writes its"
+            " checkpoints itself (a directory of shards, or one file with state_dict_type='full'), not"
+            " through a CheckpointIO plugin. Save and load with fabric.save and fabric.load."
+        )
+
+    @checkpoint_io.setter
+    @override
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        raise NotImplementedError(
+            f"Fabric(strategy={self.name!r}, plugins=[{type(io).__name__}()]) cannot save through a"
+            f" CheckpointIO plugin: {type(self).__name__} writes its checkpoints itself (a directory of"
+            " shards, or one file with state_dict_type='full'). Leave the CheckpointIO out of plugins,"
+            " or use strategy='ddp', which saves through it."
+        )
+
     @override
     def save_checkpoint(self, request: SaveRequest) -> None:
         """Every rank calls it: a directory of shards (staged, then committed), or one full file."""

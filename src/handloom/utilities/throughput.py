@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from handloom.utilities.flops import get_available_flops
+from handloom.utilities.flops import get_available_flops, measure_flops
 
 if TYPE_CHECKING:
     from handloom.fabric import Fabric
 
-__all__ = ["Throughput", "ThroughputMonitor"]
+__all__ = ["Throughput", "ThroughputMonitor", "get_available_flops", "measure_flops"]
 
 # The rates, per second, in the order they travel in the cross-rank all_reduce.
 _RATE_KEYS = ("batches_per_sec", "samples_per_sec", "items_per_sec", "flops_per_sec")
@@ -98,7 +98,6 @@ class Throughput:
         self.window_size = window_size
         self.separator = separator
         self._points: deque[_Point] = deque(maxlen=window_size)
-        self._last_lengths: int | None = None
 
     def update(
         self,
@@ -122,16 +121,30 @@ class Throughput:
                 ``device/flops_per_sec`` and ``device/mfu``.
 
         Raises:
-            ValueError: A running total is smaller than in the previous update, ``samples`` is
-                smaller than ``batches``, ``lengths`` smaller than ``samples``, or ``flops`` negative.
+            ValueError: A running total did not grow since the previous update (as in Lightning,
+                each of ``time``, ``batches``, ``samples`` and ``lengths`` must be larger than
+                before), ``samples`` is smaller than ``batches``, ``lengths`` smaller than
+                ``samples``, or ``flops`` negative.
+            RuntimeError: ``lengths`` is given after an update without it (since the last
+                :meth:`reset`): the items rate would cover only part of the window.
         """
         previous = self._points[-1] if self._points else None
         if previous is not None:
-            _check_increasing("time", time, previous.time)
-            _check_increasing("batches", batches, previous.batches)
-            _check_increasing("samples", samples, previous.samples)
-        if lengths is not None and self._last_lengths is not None:
-            _check_increasing("lengths", lengths, self._last_lengths)
+            totals = [("time", time, previous.time), ("batches", batches, previous.batches)]
+            totals.append(("samples", samples, previous.samples))
+            if lengths is not None and previous.lengths is not None:
+                totals.append(("lengths", lengths, previous.lengths))
+            # Smaller first: a total that went down is the likelier mistake (per-step counts).
+            for name, value, before in totals:
+                _check_not_smaller(name, value, before)
+            for name, value, before in totals:
+                _check_grew(name, value, before)
+            if lengths is not None and previous.lengths is None:
+                raise RuntimeError(
+                    f"Throughput.update(lengths={lengths}) follows an update without lengths, so the"
+                    " items rate would cover only part of the window. Pass lengths in every update"
+                    " (or in none), or call reset() before the first update with lengths."
+                )
         if samples < batches:
             raise ValueError(
                 f"Throughput.update(batches={batches}, samples={samples}) counts fewer samples than"
@@ -148,8 +161,6 @@ class Throughput:
                 " ran since the previous update, e.g. measure_flops(...) times the batches since then."
             )
         self._points.append(_Point(float(time), batches, samples, lengths, flops))
-        if lengths is not None:
-            self._last_lengths = lengths
 
     def compute(self) -> dict[str, float]:
         """The latest totals and, once the window is full, the rates over it.
@@ -167,7 +178,6 @@ class Throughput:
     def reset(self) -> None:
         """Forget every update, e.g. after an evaluation pause that should not count as training time."""
         self._points.clear()
-        self._last_lengths = None
 
     def _device_rates(self) -> dict[str, float]:
         """This device's rates over the window; empty until the window is full."""
@@ -206,12 +216,21 @@ class Throughput:
         return metrics
 
 
-def _check_increasing(name: str, value: float, previous: float) -> None:
+def _check_not_smaller(name: str, value: float, previous: float) -> None:
     if value < previous:
         raise ValueError(
             f"Throughput.update({name}={value}) is smaller than the {name}={previous} of the previous"
             f" update. update() takes running totals since the start, not per-step values; call"
             f" reset() to start counting again."
+        )
+
+
+def _check_grew(name: str, value: float, previous: float) -> None:
+    if value == previous:
+        raise ValueError(
+            f"Throughput.update({name}={value}) equals the {name} of the previous update, so no time"
+            f" or work lies between the two. Call update() once per step, after the step's work,"
+            f" with totals that include it."
         )
 
 
