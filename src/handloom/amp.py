@@ -54,3 +54,16 @@ def cast_floating(data: Any, dtype: torch.dtype) -> Any:
 def to_default_dtype(data: Any) -> Any:
     """Cast floating-point outputs back to torch's default dtype, so losses run in full precision."""
     return cast_floating(data, torch.get_default_dtype())
+
+
+def cast_arguments(
+    args: tuple[Any, ...], kwargs: dict[str, Any], dtype: torch.dtype
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """:func:`cast_floating` of a call's arguments, without walking plain tensor arguments."""
+    cast_args = tuple(
+        (a.to(dtype) if a.is_floating_point() and a.dtype != dtype else a)
+        if type(a) is torch.Tensor
+        else cast_floating(a, dtype)
+        for a in args
+    )
+    return cast_args, (cast_floating(kwargs, dtype) if kwargs else kwargs)

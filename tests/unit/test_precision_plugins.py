@@ -62,6 +62,7 @@ def test_each_precision_name_gives_lightnings_plugin_and_its_conversions(
     # outputs come back in the default dtype.
     assert net.seen == [input_dtype]
     assert out.dtype == torch.float32
+    assert model(x=torch.randn(3, 4)).dtype == torch.float32 and net.seen[-1] == input_dtype  # keywords too
     fabric.backward(out.sum())
     optimizer.step()
 
