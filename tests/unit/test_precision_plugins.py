@@ -299,3 +299,28 @@ def test_bitsandbytes_missing_says_how_to_install_it(monkeypatch: pytest.MonkeyP
             plugin_module.BitsandbytesPrecision("nf4")
     finally:
         plugin_module._import_bitsandbytes.cache_clear()
+
+
+def test_backward_and_step_follow_lightnings_protocol_exactly() -> None:
+    from unittest.mock import Mock
+
+    tensor = Mock()
+    Precision().backward(tensor, None, "positional-arg", keyword="arg")
+    tensor.backward.assert_called_once_with("positional-arg", keyword="arg")
+
+    plugin = MixedPrecision("16-mixed", "cpu")
+    scaler = Mock()
+    scaler.scale = Mock(side_effect=lambda x: x)
+    plugin.scaler = scaler
+    tensor = Mock()
+    plugin.backward(tensor, Mock(), "positional-arg", keyword="arg")
+    scaler.scale.assert_called_once_with(tensor)
+    tensor.backward.assert_called_once_with("positional-arg", keyword="arg")
+    optimizer = Mock()
+    plugin.optimizer_step(optimizer, keyword="arg")
+    scaler.step.assert_called_once_with(optimizer, keyword="arg")
+    scaler.update.assert_called_once()
+
+    optimizer = Mock()
+    MixedPrecision("bf16-mixed", "cpu").optimizer_step(optimizer, keyword="arg")
+    optimizer.step.assert_called_once_with(keyword="arg")

@@ -37,11 +37,11 @@ class _ScaledPrecision(Precision):
         self, tensor: torch.Tensor, model: torch.nn.Module | None, *args: Any, **kwargs: Any
     ) -> None:
         if self.scaler is None:
-            torch.autograd.backward(tensor, *args, **kwargs)
+            super().backward(tensor, model, *args, **kwargs)
             return
         if self._update_pending:  # an unscaled optimizer was never stepped: the step is over
             self._update()
-        torch.autograd.backward(self.scaler.scale(tensor), *args, **kwargs)
+        super().backward(self.scaler.scale(tensor), model, *args, **kwargs)
         self._num_backwards += 1
 
     @override

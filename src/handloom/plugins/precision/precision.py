@@ -61,7 +61,7 @@ class Precision:
         self, tensor: torch.Tensor, model: torch.nn.Module | None, *args: Any, **kwargs: Any
     ) -> None:
         """Run the backward pass of ``tensor``; ``args``/``kwargs`` go to ``Tensor.backward``."""
-        torch.autograd.backward(tensor, *args, **kwargs)
+        tensor.backward(*args, **kwargs)  # type: ignore[no-untyped-call]
 
     def post_backward(self, tensor: torch.Tensor, module: torch.nn.Module | None) -> Any:
         """Called after :meth:`backward`."""
