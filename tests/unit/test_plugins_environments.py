@@ -223,6 +223,34 @@ def test_slurm_answers_lightnings_methods(monkeypatch: pytest.MonkeyPatch) -> No
     assert not SLURMEnvironment.detect() and SLURMEnvironment.job_id() is None
 
 
+def test_a_subclass_of_a_builtin_environment_overrides_what_it_overrides(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A program written for Lightning that subclasses SLURMEnvironment to pick the main host itself.
+    from handloom.environments import read_topology
+
+    for name, value in SRUN.items():
+        monkeypatch.setenv(name, value)
+
+    class MySlurm(SLURMEnvironment):
+        @property
+        def main_address(self) -> str:
+            return "10.0.0.9"
+
+        def node_rank(self) -> int:
+            return 0
+
+    _, topology = read_topology(explicit=MySlurm())
+    assert (topology.main_address, topology.node_rank) == ("10.0.0.9", 0)
+    _, builtin = read_topology(explicit=SLURMEnvironment())
+    assert topology.main_port == builtin.main_port == 15000 + 3456  # not overridden: parsed
+    assert (topology.world_size, topology.global_rank, topology.local_rank) == (
+        builtin.world_size,
+        builtin.global_rank,
+        builtin.local_rank,
+    )
+
+
 def test_lsf_mpi_and_kubeflow_answer_lightnings_methods(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -109,7 +109,10 @@ def read_topology(
         # environment does not read launchers' variables: the agent's say where the process sits
         # and how it joins the group. Without this, a worker would launch workers of its own.
         return environment, TorchElasticEnvironment().topology(variables)
-    return environment, environment.topology(variables)
+    topology = environment.topology(variables)
+    if isinstance(environment, ParsedEnvironment):
+        topology = environment.with_overrides(topology)
+    return environment, topology
 
 
 def _follows_agent(environment: ClusterEnvironment) -> bool:

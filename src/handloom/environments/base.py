@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from typing_extensions import override
@@ -202,6 +202,30 @@ class ParsedEnvironment(ClusterEnvironment):
     def current(self) -> Topology:
         """This process's topology, parsed from ``os.environ``."""
         return self.topology(os.environ)
+
+    def with_overrides(self, topology: Topology) -> Topology:
+        """``topology`` with the values of Lightning methods a user's subclass overrides.
+
+        A program written for Lightning may subclass, say, ``SLURMEnvironment`` and override
+        ``main_address``; what the override returns wins over the parsed variable, as in Lightning.
+        """
+        builtin: type[ParsedEnvironment] = next(
+            c for c in type(self).__mro__ if c.__module__.startswith("handloom.")
+        )
+        if builtin is type(self):
+            return topology
+        owner = type(self).__name__
+        changes: dict[str, object] = {}
+        for name in ("world_size", "global_rank", "local_rank", "node_rank"):
+            if getattr(type(self), name) is not getattr(builtin, name):
+                changes[name] = _checked_int(owner, f"{name}()", getattr(self, name)(), minimum=0)
+        if type(self).main_address is not builtin.main_address:
+            changes["main_address"] = str(self.main_address)
+        if type(self).main_port is not builtin.main_port:
+            changes["main_port"] = _checked_port(owner, self.main_port)
+        if type(self).creates_processes_externally is not builtin.creates_processes_externally:
+            changes["creates_processes_externally"] = bool(self.creates_processes_externally)
+        return replace(topology, **changes)  # type: ignore[arg-type]
 
     @property
     @override
