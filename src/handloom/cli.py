@@ -124,6 +124,25 @@ def _argtype(parse: Callable[[str], object]) -> Callable[[str], str]:
     return check
 
 
+def _strategy_name(text: str) -> str:
+    """A strategy name ``handloom run`` accepts; DeepSpeed's names are refused with the FSDP/DDP call
+    to use instead (Lightning's ``fabric run`` accepts them and fails in every process)."""
+    name = text.strip()
+    if name in _env_names.CLI_STRATEGY_NAMES:
+        return name
+    if name.lower().startswith("deepspeed"):
+        from handloom.strategies.registry import build_strategy
+
+        try:
+            build_strategy(name.lower())
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(
+                str(error).replace(f"Fabric(strategy={name.lower()!r})", f"--strategy {name}", 1)
+            ) from None
+    choices = ", ".join(repr(n) for n in _env_names.CLI_STRATEGY_NAMES)
+    raise argparse.ArgumentTypeError(f"invalid choice: {name!r} (choose from {choices})")
+
+
 # Options handed to torchrun under its own name, only when given: (name, type, metavar, help).
 _TORCHRUN_PASSTHROUGH: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
     ("rdzv_backend", str, "NAME", "rendezvous backend, e.g. c10d (default: static, via --main-address)"),
@@ -149,7 +168,8 @@ def _add_run_options(run: argparse.ArgumentParser) -> None:
     )
     what.add_argument(
         "--strategy",
-        choices=_env_names.CLI_STRATEGY_NAMES,
+        type=_strategy_name,
+        metavar="{" + ",".join(_env_names.CLI_STRATEGY_NAMES) + "}",
         help="how the processes share the work; 'dp' starts one process (default: Fabric decides)",
     )
     what.add_argument(

@@ -1229,14 +1229,25 @@ TABLE = [
     ),
     pytest.param(
         Misuse(
-            lambda tmp: run_in(tmp, "--strategy", "deepspeed"),
+            lambda tmp: run_in(tmp, "--strategy", "horovod"),
             CommandFailed,
-            r"argument --strategy: invalid choice: 'deepspeed'",
+            r"argument --strategy: invalid choice: 'horovod'",
             r"choose from 'auto', 'ddp', 'ddp_find_unused_parameters_true', 'dp', 'fsdp'",
             prepare=write_script,
             status=2,
         ),
         id="run-strategy-unknown",
+    ),
+    pytest.param(
+        Misuse(
+            lambda tmp: run_in(tmp, "--strategy", "deepspeed_stage_2_offload"),
+            CommandFailed,
+            r"argument --strategy: --strategy deepspeed_stage_2_offload cannot run: handloom has no",
+            r"use strategy=FSDPStrategy\(sharding_strategy='SHARD_GRAD_OP', cpu_offload=True\)",
+            prepare=write_script,
+            status=2,
+        ),
+        id="run-strategy-deepspeed",
     ),
     pytest.param(
         Misuse(
