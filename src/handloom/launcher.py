@@ -127,10 +127,13 @@ def launch_function(
 
     error_dir = tempfile.mkdtemp(prefix="handloom-errors-")
     gates = _fork_gates(spec) if start_method == "fork" else None
+    # Spawned workers start from a fresh interpreter: give them this process's random and
+    # determinism state, as Lightning does (forked ones inherit it anyway).
+    parent_state = GlobalState.capture() if start_method == "spawn" else None
     try:
         with _fork_safe_garbage(start_method), _environment_kept():
             results = elastic_launch(_config(spec, start_method), _worker)(
-                fabric, fn, args, kwargs, error_dir, gates
+                fabric, fn, args, kwargs, error_dir, gates, parent_state
             )
     except ChildFailedError as err:
         raise _first_failure(error_dir, err) from None
@@ -213,7 +216,10 @@ def _worker(
     kwargs: dict[str, Any],
     error_dir: str,
     gates: list[Any] | None,
+    parent_state: GlobalState | None = None,
 ) -> Any:
+    if parent_state is not None:  # spawned
+        parent_state.restore()
     if gates is not None:  # forked
         _wait_for_siblings(gates)
         _single_threaded_after_fork()
@@ -230,6 +236,41 @@ def _worker(
     from handloom.apply import move_data_to_device
 
     return move_data_to_device(result, "cpu")
+
+
+@dataclass(frozen=True)
+class GlobalState:
+    """The process-wide settings a spawned worker takes over from the process that launched it:
+    the random streams (Python, NumPy, torch) and torch's determinism switches."""
+
+    rng: dict[str, Any]
+    deterministic: bool
+    deterministic_warn_only: bool
+    cudnn_benchmark: bool
+
+    @classmethod
+    def capture(cls) -> GlobalState:
+        """This process's state."""
+        import torch
+
+        from handloom.checkpoint.resume import capture_rng
+
+        return cls(
+            rng=capture_rng(),
+            deterministic=torch.are_deterministic_algorithms_enabled(),
+            deterministic_warn_only=torch.is_deterministic_algorithms_warn_only_enabled(),
+            cudnn_benchmark=torch.backends.cudnn.benchmark,
+        )
+
+    def restore(self) -> None:
+        """Make this process's state the captured one."""
+        import torch
+
+        from handloom.checkpoint.resume import restore_rng
+
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.deterministic_warn_only)
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        restore_rng(self.rng)
 
 
 def _single_threaded_after_fork() -> None:

@@ -123,3 +123,32 @@ def test_launch_of_a_function_leaves_the_callers_environment_alone() -> None:
     assert Fabric(accelerator="cpu", devices=2, strategy="ddp_fork").launch(_nothing) == 2
     assert "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ or "TORCHELASTIC_SIGNALS_TO_HANDLE" in before
     assert dict(os.environ) == before
+
+
+def _draws(fabric: Fabric) -> tuple[list[float], bool]:
+    return torch.rand(2).tolist(), torch.are_deterministic_algorithms_enabled()
+
+
+def test_spawned_workers_start_from_the_parents_random_and_determinism_state() -> None:
+    # As in Lightning's spawn launcher: a seed set before launch(fn) holds in the workers.
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    fabric.seed_everything(42)
+    expected = torch.rand(2).tolist()
+    fabric.seed_everything(42)
+    torch.use_deterministic_algorithms(True)
+    try:
+        draws, deterministic = fabric.launch(_draws)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert draws == expected and deterministic
+
+
+def test_sharded_strategies_reseed_every_process_at_setup_as_lightning_does() -> None:
+    from handloom.strategies import FSDPStrategy
+
+    fabric = Fabric(accelerator="cpu", devices=2, strategy=FSDPStrategy(start_method="fork"))
+    fabric.seed_everything(7)
+    expected = torch.rand(2).tolist()
+    torch.rand(5)  # consumed before launch: FSDP's set-up re-seeds from PL_GLOBAL_SEED anyway
+    draws, _ = fabric.launch(_draws)
+    assert draws == expected

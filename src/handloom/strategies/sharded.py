@@ -85,6 +85,15 @@ class ShardedStrategy(ParallelStrategy):
         # id -> (weak reference, path) of parameters that sharding replaced; see setup_optimizer.
         self._replaced: dict[int, tuple[weakref.ref[torch.Tensor], str]] = {}
 
+    @override
+    def setup_environment(self) -> None:
+        # As Lightning's FSDP and ModelParallel strategies do: every process starts its training
+        # from the seed seed_everything() exported (PL_GLOBAL_SEED), whatever ran since.
+        from handloom.seed import reset_seed
+
+        reset_seed()
+        super().setup_environment()
+
     # --- subclasses implement -------------------------------------------------------------------
     def _shard(self, module: torch.nn.Module, compiler: Callable[..., Any] | None) -> torch.nn.Module:
         """Shard ``module`` (in place where the machinery allows) and return it."""
