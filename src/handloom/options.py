@@ -67,8 +67,6 @@ class Plan:
         environment: The cluster environment that was detected or given.
         topology: What the environment says about this process.
         cli_used: True when the script runs under ``handloom run``.
-        precision_plugin: The precision plugin: the one the user passed (``precision=``,
-            ``plugins=`` or the strategy's own), else the one ``precision`` names.
         accelerator_object: The :class:`~handloom.accelerators.Accelerator` instance in use
             (``fabric.accelerator``).
     """
@@ -82,7 +80,6 @@ class Plan:
     environment: ClusterEnvironment
     topology: Topology
     cli_used: bool
-    precision_plugin: Precision | None = None
     accelerator_object: Accelerator | None = None
 
     @property
@@ -282,7 +279,6 @@ def resolve_plan(options: FabricOptions, env: Mapping[str, str], probe: Hardware
         environment=environment,
         topology=topology,
         cli_used=env.get(names.CLI_USED) == "1",
-        precision_plugin=strategy._chosen_precision or strategy._named_precision,
         accelerator_object=hardware.accelerator_object,
     )
 

@@ -172,15 +172,13 @@ class FSDPStrategy(ShardedStrategy):
     def precision_plugin_for(self, policy: PrecisionPolicy, device_type: str) -> Precision:
         from handloom.plugins.precision import FSDPPrecision
 
-        plugin = FSDPPrecision(policy.name)
-        plugin._bind_device(device_type)
-        return plugin
+        return FSDPPrecision(policy.name)  # bind() gives it the device type
 
     @override
     def bind(self, runtime: Runtime) -> None:
         super().bind(runtime)
         bind_device = getattr(self.amp, "_bind_device", None)
-        if callable(bind_device):  # a user's FSDPPrecision learns its device here
+        if callable(bind_device):  # an FSDPPrecision (the named one or a user's) learns its device here
             bind_device(runtime.device.type)
 
     @property
